@@ -1,0 +1,5 @@
+"""`python -m lifecycle` (and so `accelerate launch -m lifecycle ...`) runs the CLI."""
+
+from lifecycle.cli import main
+
+main()

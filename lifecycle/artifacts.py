@@ -1,0 +1,290 @@
+"""The artifact directory every stage writes and the next stage reads.
+
+An artifact is a standard Hugging Face model directory (config.json,
+model.safetensors, tokenizer files, generation_config.json) plus
+`lifecycle.json`, the manifest:
+
+    {"stage", "kind", "parent": {"path", "digest", "stage"} | null, "config",
+     "metrics", "created", "versions", "seed", "files": {name: bytes}}
+
+Writing is crash-safe: files are saved into a staging directory, the old
+manifest is removed, each file is moved into place with an atomic rename, and
+the manifest is written last (also by rename). A directory is a valid artifact
+only when its manifest exists and every file it lists has the recorded size,
+so a run killed mid-write leaves a directory that is refused, never one that
+is read half-written.
+
+No torch import at module top.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import platform
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+from lifecycle.errors import UsageError
+
+MANIFEST = "lifecycle.json"
+CAUSAL_LM = "causal-lm"
+REWARD_MODEL = "reward-model"
+STAGE_KIND = {"pretrain": CAUSAL_LM, "sft": CAUSAL_LM, "ppo": CAUSAL_LM, "reward": REWARD_MODEL}
+# The command that creates each kind, for error messages.
+MAKES = {CAUSAL_LM: "llm pretrain --out DIR (or llm sft)", REWARD_MODEL: "llm reward --base DIR --out DIR"}
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "adapter_model.safetensors")
+
+
+# ---------------------------------------------------------------------------
+# Small atomic-write helpers
+# ---------------------------------------------------------------------------
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write text to path via a temporary file and rename: readers never see half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def file_digest(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(chunk):
+            h.update(b)
+    return h.hexdigest()
+
+
+def artifact_digest(path: Path) -> str:
+    """sha256 over the weight and config files: identifies the exact parent a stage started from."""
+    path = Path(path)
+    h = hashlib.sha256()
+    for name in sorted(os.listdir(path)):
+        p = path / name
+        if p.is_file() and (name.endswith(".safetensors") or name in ("config.json", "adapter_config.json")):
+            h.update(name.encode())
+            h.update(file_digest(p).encode())
+    return h.hexdigest()
+
+
+def versions() -> dict[str, str]:
+    """Versions of the stack, recorded in every manifest so a run can be repeated."""
+    from importlib import metadata
+
+    out = {"python": platform.python_version(), "platform": platform.platform()}
+    for pkg in ("llm-lifecycle", "torch", "transformers", "trl", "peft", "accelerate", "bitsandbytes", "datasets", "tokenizers"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Reading and checking
+# ---------------------------------------------------------------------------
+def read_manifest(path: str | Path) -> dict | None:
+    p = Path(path) / MANIFEST
+    if not p.is_file():
+        return None
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UsageError(f"{p} is corrupted (not valid JSON); re-run the stage that wrote {path}") from None
+
+
+def is_complete(path: str | Path) -> bool:
+    """True when path holds a finished artifact: manifest present and every listed file at its recorded size."""
+    path = Path(path)
+    try:
+        m = read_manifest(path)
+    except UsageError:
+        return False
+    if not m:
+        return False
+    for name, size in (m.get("files") or {}).items():
+        f = path / name
+        if not f.is_file() or f.stat().st_size != size:
+            return False
+    return True
+
+
+def _kind_from_config(path: Path) -> str | None:
+    try:
+        cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    archs = cfg.get("architectures") or []
+    if any(a.endswith("ForSequenceClassification") for a in archs):
+        return REWARD_MODEL
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+        return CAUSAL_LM
+    return None
+
+
+def looks_like_hub_id(s: str) -> bool:
+    """`org/name` with no local meaning: a Hugging Face Hub id (used as is for users who are online)."""
+    return (
+        s.count("/") == 1
+        and not s.startswith((".", "/", "~"))
+        and not Path(s).exists()
+        and all(part and not part.startswith(".") for part in s.split("/"))
+    )
+
+
+def check_artifact(path: str, expect: str, flag: str) -> dict:
+    """Check that `path` is a usable artifact of kind `expect` before loading any weights.
+
+    Returns {"path", "kind", "manifest", "hub"}. Raises UsageError naming what was
+    found, what was expected, and the command that makes it.
+    """
+    if looks_like_hub_id(path):
+        return {"path": path, "kind": expect, "manifest": None, "hub": True}
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise UsageError(f"{flag} {path} does not exist; create it with `{MAKES[expect]}` or pass a Hugging Face model id")
+    if not p.is_dir():
+        raise UsageError(f"{flag} {path} is a file, not a model directory; pass the directory written by `{MAKES[expect]}`")
+    present = sorted(os.listdir(p))
+    manifest = None
+    if (p / MANIFEST).exists():
+        manifest = read_manifest(p)
+        if not is_complete(p):
+            raise UsageError(
+                f"{flag} {path} is incomplete or corrupted (a file listed in {MANIFEST} is missing or has the wrong size); "
+                f"re-run the stage that writes it"
+            )
+    if not (p / "config.json").is_file():
+        raise UsageError(
+            f"{flag} {path} is not a model directory: no config.json (found: {', '.join(present[:8]) or 'nothing'}); "
+            f"create one with `{MAKES[expect]}`"
+        )
+    if not any((p / w).is_file() for w in WEIGHT_FILES):
+        raise UsageError(
+            f"{flag} {path} has no weights (expected model.safetensors; found: {', '.join(present[:8])}); "
+            f"re-run `{MAKES[expect]}`"
+        )
+    kind = (manifest or {}).get("kind") or _kind_from_config(p)
+    if kind != expect:
+        stage = (manifest or {}).get("stage")
+        found = f"a {kind} artifact" + (f" from `llm {stage}`" if stage else "") if kind else "a model of unknown kind"
+        raise UsageError(f"{flag} {path} is {found}, but a {expect} is expected; pass the directory written by `{MAKES[expect]}`")
+    return {"path": str(p), "kind": kind, "manifest": manifest, "hub": False}
+
+
+def parent_record(info: dict) -> dict:
+    """The `parent` entry of a manifest: path, content digest and stage of the input artifact."""
+    if info.get("hub"):
+        return {"path": info["path"], "digest": None, "stage": None, "hub": True}
+    return {
+        "path": str(Path(info["path"]).resolve()),
+        "digest": artifact_digest(Path(info["path"])),
+        "stage": (info.get("manifest") or {}).get("stage"),
+    }
+
+
+# ---------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------
+def staging_dir(out: Path) -> Path:
+    """A fresh staging directory inside `out` (same filesystem, so renames are atomic)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    stage = out / f".staging-{os.getpid()}"
+    if stage.exists():
+        shutil.rmtree(stage)
+    stage.mkdir()
+    return stage
+
+
+def publish(
+    staging: Path,
+    out: Path,
+    *,
+    stage: str,
+    config: dict,
+    metrics: dict,
+    parent: dict | None,
+    seed: int | None,
+    extra: dict | None = None,
+) -> Path:
+    """Move the staged files into `out` and write the manifest last.
+
+    Top-level files and directories in staging replace those in out, one atomic
+    rename each; the old manifest is removed first so that a crash in between
+    leaves a directory that `is_complete` rejects.
+    """
+    out, staging = Path(out), Path(staging)
+    old = out / MANIFEST
+    if old.exists():
+        old.unlink()
+    files: dict[str, int] = {}
+    for item in sorted(staging.iterdir()):
+        dest = out / item.name
+        if dest.is_dir() and not dest.is_symlink():
+            shutil.rmtree(dest)
+        os.replace(item, dest)
+        if dest.is_file():
+            files[item.name] = dest.stat().st_size
+        else:
+            for sub in sorted(dest.rglob("*")):
+                if sub.is_file():
+                    files[str(sub.relative_to(out))] = sub.stat().st_size
+    staging.rmdir()
+    manifest = {
+        "stage": stage,
+        "kind": STAGE_KIND[stage],
+        "parent": parent,
+        "config": config,
+        "metrics": metrics,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "versions": versions(),
+        "seed": seed,
+        "command": " ".join(sys.argv),
+        "files": files,
+    }
+    if extra:
+        manifest.update(extra)
+    atomic_write_json(out / MANIFEST, manifest)
+    return out
+
+
+def save_model_artifact(
+    model: Any,
+    tokenizer: Any,
+    out: str | Path,
+    *,
+    stage: str,
+    config: dict,
+    metrics: dict,
+    parent: dict | None,
+    seed: int | None,
+    extra_dirs: dict[str, Any] | None = None,
+    extra: dict | None = None,
+) -> Path:
+    """Save a transformers model (+ tokenizer) as a complete artifact in `out`.
+
+    `extra_dirs` maps a sub-directory name to a callable `f(path)` that writes
+    more files there (an adapter, a critic) before publishing.
+    """
+    out = Path(out)
+    staging = staging_dir(out)
+    model.save_pretrained(staging, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(staging)
+    for name, writer in (extra_dirs or {}).items():
+        d = staging / name
+        d.mkdir()
+        writer(d)
+    return publish(staging, out, stage=stage, config=config, metrics=metrics, parent=parent, seed=seed, extra=extra)

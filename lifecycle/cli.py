@@ -1,0 +1,159 @@
+"""The `llm` command line: parse flags, build the stage's config, call the stage.
+
+This is the only place that turns errors into exit codes: a `UsageError` (or a
+bad flag) prints one `error: ...` line and exits 2, with no traceback. torch
+and friends are imported inside the commands, so `llm --help` answers at once.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import List, Optional
+
+import typer
+
+from lifecycle.config import PretrainConfig, build_config, describe, dump_yaml, parse_set
+from lifecycle.errors import UsageError
+
+app = typer.Typer(
+    help="Train a language model through its whole life: pretrain, sft, reward, ppo; estimate memory first.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+CONFIG_HELP = "Recipe YAML that fills the config (flags override it), e.g. recipes/default/pretrain.yaml."
+SET_HELP = "Override any config option: --set key=value (repeatable). The options are listed below."
+
+
+def _overrides(set_: Optional[List[str]], **flags) -> dict:
+    """Flags the user gave (not None/False) plus --set pairs; explicit flags win over --set."""
+    out = parse_set(set_)
+    for k, v in flags.items():
+        if v is None or v is False or v == []:
+            continue
+        out[k] = v
+    return out
+
+
+def _run_stage(cls: type, module: str, config: Optional[str], overrides: dict, print_config: bool) -> None:
+    cfg = build_config(cls, config, overrides, check=not print_config)
+    if print_config:
+        typer.echo(dump_yaml(cfg), nl=False)
+        return
+    import importlib
+
+    stage = importlib.import_module(f"lifecycle.stages.{module}")
+    stage.run(cfg)
+
+
+def _not_yet(name: str) -> None:
+    raise UsageError(f"`llm {name}` is not implemented yet in this version")
+
+
+# ---------------------------------------------------------------------------
+@app.command(epilog="Config options (set with --set key=value or in the --config YAML):\n\n" + describe(PretrainConfig))
+def pretrain(
+    out: Optional[str] = typer.Option(None, "--out", help="Output artifact directory; checkpoints go to OUT/checkpoints."),
+    config: Optional[str] = typer.Option(None, "--config", help=CONFIG_HELP),
+    data: Optional[List[str]] = typer.Option(None, "--data", help="Training text file(s) or a datasets hub id (repeatable); default: the built-in world."),
+    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="Reuse this tokenizer instead of training one."),
+    model: Optional[str] = typer.Option(None, "--model", help="Model preset name or a config.json path."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after N optimizer steps."),
+    save_every: Optional[int] = typer.Option(None, "--save-every", help="Checkpoint every N steps."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in OUT/checkpoints."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed."),
+    report_to: Optional[str] = typer.Option(None, "--report-to", help="none | tensorboard | wandb."),
+    force: bool = typer.Option(False, "--force", help="Run even if the memory estimate says it will not fit."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
+    print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config and exit."),
+) -> None:
+    """Train a decoder-only model and its tokenizer from scratch."""
+    ov = _overrides(set_, out=out, data=data, tokenizer=tokenizer, model=model, max_steps=max_steps,
+                    save_every=save_every, resume=resume, seed=seed, report_to=report_to, force=force)
+    _run_stage(PretrainConfig, "pretrain", config, ov, print_config)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def sft(ctx: typer.Context) -> None:
+    """Supervised fine-tuning on instructions (full, --lora, --qlora, --dora)."""
+    _not_yet("sft")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def reward(ctx: typer.Context) -> None:
+    """Train a reward model on preference pairs."""
+    _not_yet("reward")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def ppo(ctx: typer.Context) -> None:
+    """RLHF with PPO against a reward model."""
+    _not_yet("ppo")
+
+
+@app.command("estimate-memory", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def estimate_memory(ctx: typer.Context) -> None:
+    """Predict training memory: params, grads, optimizer state, activations."""
+    _not_yet("estimate-memory")
+
+
+@app.command()
+def generate(
+    prompt: str = typer.Argument(..., help="The prompt text (in --chat mode, the user's message)."),
+    model: str = typer.Option(..., "--model", help="A causal-LM artifact directory or hub id."),
+    max_new_tokens: int = typer.Option(32, "--max-new-tokens", help="Tokens to generate at most."),
+    temperature: float = typer.Option(0.0, "--temperature", help="0 means greedy decoding."),
+    top_k: int = typer.Option(0, "--top-k", help="Sample among the k most likely tokens (0: off)."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling: smallest set with this much probability (1: off)."),
+    num: int = typer.Option(1, "--num", help="Number of samples."),
+    chat: bool = typer.Option(False, "--chat", help="Wrap the prompt with the tokenizer's chat template."),
+    seed: int = typer.Option(0, "--seed", help="Random seed for sampling."),
+) -> None:
+    """Generate text from a model artifact."""
+    problems = []
+    if max_new_tokens < 1:
+        problems.append(f"--max-new-tokens {max_new_tokens}; must be at least 1")
+    if temperature < 0:
+        problems.append(f"--temperature {temperature}; must be >= 0")
+    if not 0 < top_p <= 1:
+        problems.append(f"--top-p {top_p}; must lie in (0, 1]")
+    if top_k < 0 or num < 1:
+        problems.append("--top-k must be >= 0 and --num >= 1")
+    if problems:
+        raise UsageError("; ".join(problems))
+    from lifecycle.generate import generate_cli
+
+    generate_cli(model, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                 top_p=top_p, num=num, chat=chat, seed=seed)
+
+
+@app.command()
+def run(
+    recipe: Optional[str] = typer.Argument(None, help="A lifecycle recipe (YAML or a directory with run.yaml); default: the built-in world."),
+    out: str = typer.Option("runs/default", "--out", help="Run directory: each stage writes OUT/<stage>."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Cap every stage at N optimizer steps (quick smoke runs)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed for every stage."),
+    force: bool = typer.Option(False, "--force", help="Re-run stages even if their output already exists."),
+) -> None:
+    """Run the lifecycle stages of a recipe in order, each output handed to the next."""
+    from lifecycle.runner import run_lifecycle
+
+    run_lifecycle(recipe, out, max_steps=max_steps, seed=seed, force=force)
+
+
+# ---------------------------------------------------------------------------
+def main() -> None:
+    try:
+        app()
+    except UsageError as e:
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
