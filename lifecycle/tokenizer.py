@@ -1,0 +1,74 @@
+"""Train the byte-level BPE tokenizer that `llm pretrain` ships with the model.
+
+Digits are split one per token before BPE (as Llama's tokenizer does): merged
+multi-digit tokens make arithmetic much harder for a small model. The special
+tokens and the chat template are fixed here so every stage agrees on them.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+EOS = "<|endoftext|>"
+PAD = "<|pad|>"
+SPECIAL_TOKENS = [EOS, PAD, "<|system|>", "<|user|>", "<|assistant|>"]
+
+# Chat template: role markers are single special tokens; the assistant turn
+# ends with EOS. `{% generation %}` marks assistant tokens so trainers can put
+# the loss on them only.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}<|system|>{{ message['content'] }}"
+    "{% elif message['role'] == 'user' %}<|user|>{{ message['content'] }}"
+    "{% elif message['role'] == 'assistant' %}<|assistant|>{% generation %}{{ message['content'] }}<|endoftext|>{% endgeneration %}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int):
+    """Train a byte-level BPE on `texts`; returns a transformers PreTrainedTokenizerFast."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token=EOS,
+        pad_token=PAD,
+        bos_token=None,
+        unk_token=None,
+        additional_special_tokens=SPECIAL_TOKENS[2:],
+        model_max_length=1_000_000,
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    """Load a tokenizer (directory or hub id); make sure it has EOS and PAD."""
+    from transformers import AutoTokenizer
+
+    from lifecycle.errors import UsageError
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot load a tokenizer from {path} ({str(e).splitlines()[0][:200]}); pass a directory with tokenizer.json or a hub id") from None
+    if tok.eos_token is None:
+        raise UsageError(f"tokenizer at {path} has no EOS token; add one (eos_token) or train a new tokenizer by leaving --tokenizer out")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok

@@ -1,0 +1,45 @@
+"""Shared fixtures: a tiny tokenizer and tiny base-model artifacts, built once per session, offline."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    from lifecycle.data import world
+    from lifecycle.tokenizer import train_tokenizer
+
+    return train_tokenizer(world.pretrain_documents(300, seed=1), vocab_size=300)
+
+
+def _make_base(tmp_path_factory, tokenizer, preset: str, name: str):
+    import torch
+
+    from lifecycle.artifacts import save_model_artifact
+    from lifecycle.modeling import build_model, model_config
+
+    torch.manual_seed(0)
+    cfg = model_config(preset, len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id)
+    model = build_model(cfg)
+    out = tmp_path_factory.mktemp(name)
+    save_model_artifact(model, tokenizer, out, stage="pretrain", config={"model": preset}, metrics={}, parent=None, seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory, tiny_tokenizer):
+    """A pretrain-kind artifact: an untrained 2-layer Llama (hidden 32, GQA) with the tiny tokenizer."""
+    return _make_base(tmp_path_factory, tiny_tokenizer, "llama-micro", "tiny_base")
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_base(tmp_path_factory, tiny_tokenizer):
+    """A pretrain-kind artifact: an untrained 2-layer GPT-2 with the tiny tokenizer."""
+    return _make_base(tmp_path_factory, tiny_tokenizer, "gpt2-micro", "tiny_gpt2_base")
