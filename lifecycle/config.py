@@ -68,6 +68,38 @@ class TrainCommon:
         return p
 
 
+@dataclass
+class PeftCommon:
+    """Adapter options shared by sft, reward and ppo: LoRA, QLoRA (4-bit base + LoRA) and DoRA."""
+
+    lora: bool = opt(False, "Train LoRA adapters instead of all weights.")
+    qlora: bool = opt(False, "QLoRA: load the base in 4-bit NF4 (double quantization, bf16 compute) and train LoRA adapters on it.")
+    dora: bool = opt(False, "DoRA: weight-decomposed LoRA (a learned magnitude per output feature); implies --lora unless --qlora.")
+    lora_r: int = opt(8, "LoRA rank r: the width of the low-rank update B·A.")
+    lora_alpha: int = opt(16, "LoRA alpha: the update is scaled by alpha / r.")
+    lora_dropout: float = opt(0.05, "Dropout on the LoRA input.")
+    lora_target_modules: str = opt("all-linear", "Modules that get adapters: 'all-linear' or comma-separated names (e.g. q_proj,v_proj).")
+    merge: bool = opt(True, "Also write the adapter merged into the base as a plain model at OUT (--no-merge keeps only OUT/adapter).")
+
+    @property
+    def use_peft(self) -> bool:
+        return self.lora or self.qlora or self.dora
+
+    def _peft_problems(self) -> list[str]:
+        p = []
+        if self.lora and self.qlora:
+            p.append("--lora and --qlora both given; pick one (--qlora already trains LoRA adapters, on a 4-bit base)")
+        if self.lora_r < 1:
+            p.append(f"lora_r={self.lora_r}; must be at least 1")
+        if self.lora_alpha <= 0:
+            p.append(f"lora_alpha={self.lora_alpha}; must be positive")
+        if not 0 <= self.lora_dropout < 1:
+            p.append(f"lora_dropout={self.lora_dropout}; expected a value in [0, 1)")
+        if not self.lora_target_modules.strip():
+            p.append("lora_target_modules is empty; use 'all-linear' or names such as q_proj,v_proj")
+        return p
+
+
 # ---------------------------------------------------------------------------
 # Pretraining
 # ---------------------------------------------------------------------------
