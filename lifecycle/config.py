@@ -160,7 +160,135 @@ class PretrainConfig(TrainCommon):
         return self.max_steps if self.max_steps > 0 else self.steps
 
 
-STAGE_CONFIGS: dict[str, type] = {"pretrain": PretrainConfig}
+# ---------------------------------------------------------------------------
+# Supervised fine-tuning and reward modelling (TRL trainers)
+# ---------------------------------------------------------------------------
+def _tuning_problems(cfg: Any) -> list[str]:
+    """Checks shared by the TRL-based stages (sft, reward)."""
+    p = cfg._common_problems() + cfg._peft_problems()
+    if not cfg.base:
+        p.append("--base is required (the causal-LM artifact to start from, e.g. runs/default/pretrain)")
+    for name in ("batch_size", "grad_accum", "steps", "max_length", "eval_every", "eval_batch_size"):
+        if getattr(cfg, name) < 1:
+            p.append(f"{name}={getattr(cfg, name)}; must be at least 1")
+    if cfg.max_steps == 0 or cfg.max_steps < -1:
+        p.append(f"max_steps={cfg.max_steps}; must be positive (or -1 for the recipe's length)")
+    if cfg.epochs < 0:
+        p.append(f"epochs={cfg.epochs}; must be >= 0 (0 means: train `steps` steps)")
+    if not 0 < cfg.lr < 1:
+        p.append(f"lr={cfg.lr}; expected a value in (0, 1)")
+    if cfg.warmup_steps < 0:
+        p.append(f"warmup_steps={cfg.warmup_steps}; must be >= 0")
+    if cfg.weight_decay < 0:
+        p.append(f"weight_decay={cfg.weight_decay}; must be >= 0")
+    if cfg.grad_clip < 0:
+        p.append(f"grad_clip={cfg.grad_clip}; must be >= 0 (0 disables clipping)")
+    if cfg.lr_scheduler not in ("cosine", "linear", "constant", "constant_with_warmup"):
+        p.append(f"lr_scheduler={cfg.lr_scheduler!r}; expected cosine, linear, constant or constant_with_warmup")
+    if not 0 <= cfg.eval_fraction < 1:
+        p.append(f"eval_fraction={cfg.eval_fraction}; expected a value in [0, 1)")
+    return p
+
+
+@dataclass
+class SFTConfig(PeftCommon, TrainCommon):
+    """`llm sft`: supervised fine-tuning on instructions with TRL's SFTTrainer (full, LoRA, QLoRA or DoRA)."""
+
+    # --- input ---
+    base: str = opt("", "Causal-LM artifact to fine-tune (`llm pretrain` output, an earlier sft) or a hub model id.")
+    data: list = opt([], "Instruction data: .jsonl/.json/.csv/.parquet files or a datasets hub id (see docs/data.md); empty = built-in world.")
+    messages_column: str = opt("messages", "Column with a conversation: a list of {role, content} messages.")
+    prompt_column: str = opt("prompt", "Column with the prompt (a string or a list of messages), paired with completion_column.")
+    completion_column: str = opt("completion", "Column with the completion (a string or a list of messages).")
+    text_column: str = opt("text", "Column with plain text (language-modelling loss on every token).")
+    chat_template: bool = opt(True, "Treat plain-string prompt/completion pairs as a user turn and an assistant turn, so the tokenizer's chat template applies (false: train on prompt + completion as raw text).")
+    loss_on: str = opt("assistant", "assistant: loss on assistant/completion tokens only; all: on every token (prompts too).")
+    max_length: int = opt(128, "Tokens per example at most; longer rows are truncated (their count is reported). With packing: the block length.")
+    packing: bool = opt(False, "Pack several examples into each max_length block (fewer pad tokens; examples do not attend to each other).")
+    eval_fraction: float = opt(0.05, "Share of user rows held out for eval loss (the built-in world has its own held-out problems).")
+    world_examples: int = opt(1500, "Built-in world: sloppy-labelled training examples to generate.")
+    eval_problems: int = opt(500, "Built-in world: held-out problems answered greedily for gold_accuracy (0 skips it).")
+    # --- optimisation ---
+    batch_size: int = opt(32, "Examples per micro-batch per process.")
+    grad_accum: int = opt(1, "Micro-batches accumulated into one optimizer step.")
+    steps: int = opt(300, "Optimizer steps of the recipe (overridden by --max-steps; ignored when epochs > 0).")
+    epochs: float = opt(0.0, "If > 0, train this many passes over the data instead of `steps`.")
+    lr: float = opt(1e-3, "Peak learning rate (LoRA usually wants 2-10x the full fine-tuning rate).")
+    lr_scheduler: str = opt("cosine", "cosine | linear | constant | constant_with_warmup (decay to 0 at the last step).")
+    warmup_steps: int = opt(20, "Linear warmup steps from 0 to lr.")
+    weight_decay: float = opt(0.0, "AdamW weight decay.")
+    grad_clip: float = opt(1.0, "Clip the global gradient norm to this value (0 disables).")
+    gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory (slower; useful for big models).")
+    # --- evaluation ---
+    eval_every: int = opt(100, "Evaluate held-out loss every N optimizer steps.")
+    eval_batch_size: int = opt(64, "Examples per evaluation batch.")
+
+    def validate(self) -> list[str]:
+        p = _tuning_problems(self)
+        if self.loss_on not in ("assistant", "all"):
+            p.append(f"loss_on={self.loss_on!r}; expected assistant or all")
+        if self.world_examples < 1:
+            p.append(f"world_examples={self.world_examples}; must be at least 1")
+        if self.eval_problems < 0:
+            p.append(f"eval_problems={self.eval_problems}; must be >= 0")
+        return p
+
+    @property
+    def total_steps(self) -> int:
+        return self.max_steps if self.max_steps > 0 else self.steps
+
+
+@dataclass
+class RewardConfig(PeftCommon, TrainCommon):
+    """`llm reward`: train a reward model (one score per sequence) on preference pairs with TRL's RewardTrainer."""
+
+    # --- input ---
+    base: str = opt("", "Causal-LM artifact (usually the sft output) or hub id: the backbone, and on the built-in world the policy whose samples make the pairs.")
+    init_from: str = opt("", "Initialise the reward model's backbone from this causal-LM artifact instead of --base (pairs are still sampled from --base).")
+    data: list = opt([], "Preference data: .jsonl/.json/.csv/.parquet files or a datasets hub id with chosen/rejected (see docs/data.md); empty = built-in world.")
+    prompt_column: str = opt("prompt", "Column with the shared prompt (optional; a string or a list of messages).")
+    chosen_column: str = opt("chosen", "Column with the preferred response (a string or a list of messages).")
+    rejected_column: str = opt("rejected", "Column with the dispreferred response (a string or a list of messages).")
+    chat_template: bool = opt(True, "Treat plain-string prompt/chosen/rejected as a user turn and assistant turns, so the tokenizer's chat template applies.")
+    max_length: int = opt(128, "Tokens per sequence at most; longer ones keep their last max_length tokens (the score is read at the end) and are counted.")
+    eval_fraction: float = opt(0.05, "Share of user pairs held out for eval accuracy (the built-in world has its own held-out problems).")
+    world_prompts: int = opt(2000, "Built-in world: training prompts; each gives one pair from the --base model's own samples.")
+    world_samples: int = opt(2, "Built-in world: samples per prompt drawn from --base at temperature `sample_temperature`.")
+    sample_temperature: float = opt(1.0, "Built-in world: sampling temperature for the pairs.")
+    eval_problems: int = opt(500, "Built-in world: held-out problems whose pairs measure eval_accuracy.")
+    # --- optimisation ---
+    batch_size: int = opt(32, "Preference pairs per micro-batch per process (each pair is two sequences).")
+    grad_accum: int = opt(1, "Micro-batches accumulated into one optimizer step.")
+    steps: int = opt(600, "Optimizer steps of the recipe (overridden by --max-steps; ignored when epochs > 0).")
+    epochs: float = opt(0.0, "If > 0, train this many passes over the pairs instead of `steps`.")
+    lr: float = opt(5e-4, "Peak learning rate.")
+    lr_scheduler: str = opt("cosine", "cosine | linear | constant | constant_with_warmup (decay to 0 at the last step).")
+    warmup_steps: int = opt(30, "Linear warmup steps from 0 to lr.")
+    weight_decay: float = opt(0.0, "AdamW weight decay.")
+    grad_clip: float = opt(1.0, "Clip the global gradient norm to this value (0 disables).")
+    center_rewards: float = opt(0.0, "Coefficient of a penalty on the mean squared score, keeping scores centred on 0 (0.01 is typical; 0 disables).")
+    gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory (slower; useful for big models).")
+    # --- evaluation ---
+    eval_every: int = opt(100, "Evaluate held-out pairwise accuracy every N optimizer steps.")
+    eval_batch_size: int = opt(128, "Pairs per evaluation batch.")
+
+    def validate(self) -> list[str]:
+        p = _tuning_problems(self)
+        for name in ("world_prompts", "world_samples", "eval_problems"):
+            if getattr(self, name) < 1:
+                p.append(f"{name}={getattr(self, name)}; must be at least 1")
+        if self.sample_temperature <= 0:
+            p.append(f"sample_temperature={self.sample_temperature}; must be > 0")
+        if self.center_rewards < 0:
+            p.append(f"center_rewards={self.center_rewards}; must be >= 0")
+        return p
+
+    @property
+    def total_steps(self) -> int:
+        return self.max_steps if self.max_steps > 0 else self.steps
+
+
+STAGE_CONFIGS: dict[str, type] = {"pretrain": PretrainConfig, "sft": SFTConfig, "reward": RewardConfig}
 
 
 # ---------------------------------------------------------------------------
