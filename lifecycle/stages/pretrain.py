@@ -1,0 +1,363 @@
+"""`llm pretrain`: train a tokenizer and a decoder-only model from scratch.
+
+Read top to bottom:
+  0. check inputs (before anything heavy)
+  1. corpus: the built-in world or the user's files, with a held-out split
+  2. tokenizer: train a byte-level BPE on the corpus (or reuse one)
+  3. pack: documents joined with EOS, cut into blocks of seq_len
+  4. model and optimizer (AdamW, decay on matrices only)
+  5. resume from the newest checkpoint, if asked
+  6. the loop: warmup+cosine lr, grad accumulation, clipping, eval, progress, checkpoints
+  7. write the artifact (atomic; manifest last)
+
+Data order is a pure function of (seed, step): the global batch for step s is
+items [s*G, (s+1)*G) of an endless stream of seeded per-epoch permutations of
+the blocks, where G = batch_size * grad_accum * processes. So resuming needs
+only the step number, and N processes see exactly the blocks one process with
+the same global batch would.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+from lifecycle.config import PretrainConfig, to_dict
+from lifecycle.errors import Interrupted, UsageError
+
+
+# ---------------------------------------------------------------------------
+# Packing and data order (pure, tested on their own)
+# ---------------------------------------------------------------------------
+def pack(token_lists: list[list[int]], eos_id: int, seq_len: int):
+    """Join documents with EOS after each and cut the stream into (n_blocks, seq_len) blocks.
+
+    Returns (blocks, dropped): the tail shorter than one block is dropped and counted.
+    """
+    import torch
+
+    total = sum(len(t) + 1 for t in token_lists)
+    stream = torch.empty(total, dtype=torch.long)
+    i = 0
+    for t in token_lists:
+        n = len(t)
+        stream[i : i + n] = torch.as_tensor(t, dtype=torch.long)
+        stream[i + n] = eos_id
+        i += n + 1
+    n_blocks = total // seq_len
+    return stream[: n_blocks * seq_len].view(n_blocks, seq_len), total - n_blocks * seq_len
+
+
+def batch_indices(step: int, global_batch: int, n_blocks: int, seed: int):
+    """Indices of the global batch for `step` in the endless stream of per-epoch permutations."""
+    import torch
+
+    start = step * global_batch
+    out = []
+    while len(out) < global_batch:
+        pos = start + len(out)
+        epoch, offset = divmod(pos, n_blocks)
+        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        perm = torch.randperm(n_blocks, generator=g)
+        take = min(global_batch - len(out), n_blocks - offset)
+        out.extend(perm[offset : offset + take].tolist())
+    return out
+
+
+# ---------------------------------------------------------------------------
+def _load_corpus(cfg: PretrainConfig) -> tuple[list[str], list[str], str]:
+    """(train documents, held-out documents, description)."""
+    if not cfg.data:
+        from lifecycle.data import world
+
+        return (
+            world.pretrain_documents(cfg.world_documents, seed=cfg.seed),
+            world.heldout_documents(500),
+            f"built-in addition world: {cfg.world_documents} documents, 500 held-out documents",
+        )
+    import random
+
+    from lifecycle.data.files import text_documents
+
+    docs = text_documents(cfg.data, cfg.text_column)
+    rng = random.Random(1234)  # the held-out split must not move with --seed
+    order = list(range(len(docs)))
+    rng.shuffle(order)
+    n_eval = max(1, round(len(docs) * cfg.eval_fraction)) if len(docs) > 1 else 0
+    if n_eval == 0:
+        raise UsageError(f"the data holds a single document; pretraining needs at least 2 (one is held out for evaluation)")
+    eval_docs = [docs[i] for i in order[:n_eval]]
+    train_docs = [docs[i] for i in order[n_eval:]]
+    return train_docs, eval_docs, f"{len(train_docs)} training / {len(eval_docs)} held-out documents from {', '.join(cfg.data)}"
+
+
+def _preflight(cfg: PretrainConfig) -> Path | None:
+    """Checks that need no weights: output path, resume checkpoint. Returns the checkpoint to resume."""
+    from lifecycle.training import require_checkpoint
+
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {cfg.out} is a file; give a directory path")
+    if cfg.resume:
+        return require_checkpoint(out)
+    if cfg.tokenizer and not Path(cfg.tokenizer).exists():
+        from lifecycle.artifacts import looks_like_hub_id
+
+        if not looks_like_hub_id(cfg.tokenizer):
+            raise UsageError(f"--tokenizer {cfg.tokenizer} not found; pass a tokenizer directory or hub id, or leave it out to train one")
+    return None
+
+
+def run(cfg: PretrainConfig) -> Path:
+    ck = _preflight(cfg)
+    train_docs, eval_docs, about = _load_corpus(cfg)  # bad data fails here, before torch is imported
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from lifecycle import artifacts, training
+    from lifecycle.generate import generate_batch
+    from lifecycle.modeling import build_model, context_length, count_params, model_config
+    from lifecycle.tokenizer import load_tokenizer, train_tokenizer
+
+    out = Path(cfg.out)
+    tok_dir = out / "checkpoints" / "tokenizer"
+
+    # -- 0. accelerator ------------------------------------------------------
+    acc = Accelerator(
+        mixed_precision=cfg.mixed_precision,
+        log_with=None if cfg.report_to == "none" else cfg.report_to,
+        project_dir=str(out),
+    )
+    say = acc.print
+    set_seed(cfg.seed)
+
+    # -- 1. corpus (read above) ---------------------------------------------------
+    say(f"corpus: {about}")
+
+    # -- 2. tokenizer (trained once by the main process, saved with the checkpoints) --
+    if ck is not None:
+        tokenizer = load_tokenizer(str(tok_dir))
+    else:
+        if acc.is_main_process:
+            if cfg.tokenizer:
+                tokenizer = load_tokenizer(cfg.tokenizer)
+            else:
+                t0 = time.perf_counter()
+                tokenizer = train_tokenizer(train_docs, cfg.vocab_size)
+                say(f"tokenizer: byte-level BPE, {len(tokenizer)} tokens, trained in {time.perf_counter() - t0:.1f}s")
+            tok_dir.mkdir(parents=True, exist_ok=True)
+            tokenizer.save_pretrained(tok_dir)
+        acc.wait_for_everyone()
+        tokenizer = load_tokenizer(str(tok_dir))
+
+    # -- 3. pack -------------------------------------------------------------
+    t0 = time.perf_counter()
+    enc = lambda docs: tokenizer(docs, add_special_tokens=False)["input_ids"]  # noqa: E731
+    train_blocks, dropped = pack(enc(train_docs), tokenizer.eos_token_id, cfg.seq_len)
+    eval_blocks, _ = pack(enc(eval_docs), tokenizer.eos_token_id, cfg.seq_len)
+    if len(train_blocks) == 0:
+        raise UsageError(
+            f"the training corpus has fewer tokens than one block of seq_len={cfg.seq_len}; "
+            f"add more text or lower seq_len (--set seq_len=N)"
+        )
+    if len(eval_blocks) == 0:
+        raise UsageError(
+            f"the held-out documents have fewer tokens than one block of seq_len={cfg.seq_len}; "
+            f"add more text, raise eval_fraction, or lower seq_len"
+        )
+    say(f"packed: {len(train_blocks)} train blocks x {cfg.seq_len} tokens ({dropped} tail tokens dropped), "
+        f"{len(eval_blocks)} held-out blocks, in {time.perf_counter() - t0:.1f}s")
+
+    # -- 4. model and optimizer ------------------------------------------------
+    mconf = model_config(cfg.model, len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id)
+    if cfg.seq_len > context_length(mconf):
+        raise UsageError(f"seq_len={cfg.seq_len} exceeds the model's context of {context_length(mconf)} positions; lower seq_len or pick a larger model")
+    _check_memory(cfg, mconf, acc)
+    torch.manual_seed(cfg.seed)
+    model = build_model(mconf)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    _, n_params = count_params(model)
+    say(f"model: {cfg.model} ({mconf.model_type}), {n_params / 1e6:.2f}M parameters, vocab {mconf.vocab_size}")
+    optimizer = torch.optim.AdamW(
+        training.param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8,
+        fused=False, foreach=False,  # deterministic reference implementation; fast enough for this scale
+    )
+    model, optimizer = acc.prepare(model, optimizer)
+    if cfg.compile:
+        model = torch.compile(model)
+
+    world = acc.num_processes
+    G = cfg.batch_size * cfg.grad_accum * world
+    total = cfg.total_steps
+    tokens_per_step = G * cfg.seq_len
+
+    def evaluate() -> float:
+        """Mean held-out loss over the first eval_batches micro-batches of held-out blocks (all ranks)."""
+        model.eval()
+        n = min(len(eval_blocks), cfg.eval_batches * cfg.batch_size)
+        losses = torch.zeros(2, device=acc.device)
+        with torch.no_grad():
+            for i in range(acc.process_index * cfg.batch_size, n, cfg.batch_size * world):
+                x = eval_blocks[i : i + cfg.batch_size].to(acc.device)
+                with acc.autocast():
+                    loss = model(input_ids=x, labels=x).loss.float()
+                losses += torch.stack([loss * len(x), torch.tensor(float(len(x)), device=acc.device)])
+        losses = acc.reduce(losses, reduction="sum")
+        model.train()
+        return (losses[0] / losses[1]).item()
+
+    def completion_accuracy() -> float | None:
+        """Built-in world only: share of held-out "A plus B equals" completed with the right sum."""
+        if cfg.data:
+            return None
+        from lifecycle.data import world as w
+
+        probs = w.heldout_problems()
+        prompts = [f"{p.a} plus {p.b} equals" for p in probs]
+        outs = generate_batch(acc.unwrap_model(model), tokenizer, prompts, max_new_tokens=5)
+        return sum(o.text.split()[:1] == [str(p.answer)] for p, o in zip(probs, outs)) / len(probs)
+
+    def sample_text() -> str:
+        m = acc.unwrap_model(model)
+        s = generate_batch(m, tokenizer, [cfg.sample_prompt], max_new_tokens=12)[0]
+        return (cfg.sample_prompt + s.text).replace("\n", " ")
+
+    # -- 5. resume ---------------------------------------------------------------
+    if ck is not None:
+        state = training.load_checkpoint(acc, ck)
+        start, tokens_seen, eval_initial = state["step"], state["tokens_seen"], state["eval_loss_initial"]
+        say(f"resumed from {ck} at step {start}")
+    else:
+        start, tokens_seen = 0, 0
+        eval_initial = evaluate()
+        say(f"step 0: held-out loss {eval_initial:.4f} (ppl {math.exp(eval_initial):.1f})")
+    log = training.MetricLog(out / "log.jsonl", acc, truncate_after_step=start if ck is not None else None)
+    if ck is None:
+        log.log(0, eval_loss=eval_initial)
+    if acc.is_main_process and cfg.report_to != "none":
+        acc.init_trackers("pretrain", config={k: v for k, v in to_dict(cfg).items() if isinstance(v, (int, float, str, bool))})
+
+    peak = training.measured_peak_flops(acc.device, "bfloat16" if cfg.mixed_precision == "bf16" else "float32")
+    fpt = training.flops_per_token(mconf, cfg.seq_len)
+    say(f"training {total} steps x {tokens_per_step} tokens (batch {cfg.batch_size} x accum {cfg.grad_accum} x "
+        f"{world} process(es) x seq {cfg.seq_len}); measured matmul peak {peak / 1e9:.1f} GFLOP/s")
+
+    # -- 6. the loop ---------------------------------------------------------------
+    model.train()
+    meter = training.Throughput(start, total)
+    eval_loss = eval_initial
+    t_start = time.perf_counter()
+    train_time = 0.0
+    step = start
+    with training.GracefulStop() as stop:
+        while step < total:
+            t_step = time.perf_counter()
+            lr = training.lr_at(step, lr=cfg.lr, min_lr=cfg.min_lr, warmup=cfg.warmup_steps, total=total)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            idx = batch_indices(step, G, len(train_blocks), cfg.seed)
+            loss_sum = 0.0
+            for micro in range(cfg.grad_accum):
+                lo = (micro * world + acc.process_index) * cfg.batch_size
+                x = train_blocks[idx[lo : lo + cfg.batch_size]].to(acc.device)
+                sync = micro == cfg.grad_accum - 1
+                ctx = acc.no_sync(model) if not sync else _nullcontext()
+                with ctx:
+                    with acc.autocast():
+                        loss = model(input_ids=x, labels=x).loss
+                    acc.backward(loss / cfg.grad_accum)
+                loss_sum += loss.detach().float().item() / cfg.grad_accum
+            grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+            grad_norm = float(grad_norm)
+            if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
+                last = training.latest_checkpoint(out)
+                raise UsageError(
+                    f"training diverged at step {step + 1}: loss {loss_sum}, grad norm {grad_norm}; "
+                    f"last good checkpoint: {last or 'none'}; try a lower lr, bf16 instead of fp16, or grad_clip"
+                )
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            tokens_seen += tokens_per_step
+            dt = time.perf_counter() - t_step
+            meter.add(tokens_per_step, dt)
+            train_time += dt
+
+            if step % cfg.log_every == 0 or step == total:
+                loss_avg = acc.reduce(torch.tensor(loss_sum, device=acc.device), reduction="mean").item()
+                tps, eta = meter.report(step)
+                mfu = tps * fpt / (peak * world)
+                say(f"step {step}/{total} | loss {loss_avg:.4f} | lr {lr:.2e} | grad {grad_norm:.2f} | "
+                    f"{tps:,.0f} tok/s | MFU {100 * mfu:.1f}% | ETA {training.format_eta(eta)}")
+                log.log(step, loss=loss_avg, lr=lr, grad_norm=grad_norm, tokens_per_second=tps, mfu=mfu, tokens_seen=tokens_seen)
+            if step % cfg.eval_every == 0 or step == total:
+                eval_loss = evaluate()
+                sample = sample_text() if acc.is_main_process else ""
+                say(f"step {step}: held-out loss {eval_loss:.4f} (ppl {math.exp(eval_loss):.2f}) | sample: {sample!r}")
+                log.log(step, eval_loss=eval_loss, eval_ppl=math.exp(eval_loss), sample=sample)
+            ck_state = {"tokens_seen": tokens_seen, "eval_loss_initial": eval_initial}
+            if stop.requested:
+                path = training.save_checkpoint(acc, out, step, ck_state, cfg.keep_checkpoints)
+                raise Interrupted(f"{stop.requested} at step {step}: checkpoint saved to {path}; continue with --resume")
+            if cfg.save_every and step % cfg.save_every == 0 and step < total:
+                training.save_checkpoint(acc, out, step, ck_state, cfg.keep_checkpoints)
+
+    # -- 7. the artifact -------------------------------------------------------
+    elapsed = time.perf_counter() - t_start
+    acc_final = completion_accuracy() if acc.is_main_process else None
+    metrics = {
+        "eval_loss_initial": eval_initial,
+        "eval_loss": eval_loss,
+        "eval_ppl": math.exp(eval_loss),
+        "eval_loss_drop": eval_initial - eval_loss,
+        "tokens_seen": tokens_seen,
+        "tokens_per_second": (tokens_per_step * (total - start)) / max(train_time, 1e-9),
+        "train_seconds": elapsed,
+        "steps": total,
+        "parameters": n_params,
+    }
+    if acc_final is not None:
+        metrics["heldout_completion_accuracy"] = acc_final
+    # A final checkpoint makes `--resume` on a finished run a no-op rather than an error.
+    training.save_checkpoint(acc, out, total, {"tokens_seen": tokens_seen, "eval_loss_initial": eval_initial}, cfg.keep_checkpoints)
+    if acc.is_main_process:
+        m = acc.unwrap_model(model)
+        m.generation_config.eos_token_id = tokenizer.eos_token_id
+        m.generation_config.pad_token_id = tokenizer.pad_token_id
+        artifacts.save_model_artifact(
+            m, tokenizer, out, stage="pretrain", config=to_dict(cfg), metrics=metrics, parent=None, seed=cfg.seed,
+        )
+        if acc_final is not None:
+            say(f"held-out sums completed correctly: {100 * acc_final:.1f}%")
+        say(f"held-out loss {eval_initial:.3f} -> {eval_loss:.3f} ({eval_initial - eval_loss:.2f} nats) | "
+            f"{metrics['tokens_per_second']:,.0f} tok/s | wrote {out}")
+    acc.wait_for_everyone()
+    acc.end_training()
+    return out
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def _check_memory(cfg: PretrainConfig, mconf, acc) -> None:
+    """Warn or refuse (unless --force) when the memory estimate exceeds the device (GPU only)."""
+    try:
+        from lifecycle import memory
+    except ImportError:
+        return
+    check = getattr(memory, "check_fits", None)
+    if check is None:
+        return
+    check(
+        mconf.to_dict(), stage="pretrain", method="full", batch_size=cfg.batch_size, seq_len=cfg.seq_len,
+        dtype="bf16" if cfg.mixed_precision == "bf16" else ("fp16" if cfg.mixed_precision == "fp16" else "fp32"),
+        grad_ckpt="full" if cfg.gradient_checkpointing else "none", gpus=acc.num_processes, force=cfg.force,
+    )
