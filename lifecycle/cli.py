@@ -13,7 +13,7 @@ from typing import List, Optional
 import typer
 
 from lifecycle.config import PretrainConfig, build_config, describe, dump_yaml, parse_set
-from lifecycle.errors import UsageError
+from lifecycle.errors import Interrupted, UsageError
 
 app = typer.Typer(
     help="Train a language model through its whole life: pretrain, sft, reward, ppo; estimate memory first.",
@@ -150,6 +150,9 @@ def main() -> None:
     except UsageError as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(2)
+    except Interrupted as e:
+        typer.echo(f"stopped: {e}", err=True)
+        sys.exit(130)
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)
