@@ -1,0 +1,98 @@
+"""Configs: defaults <- recipe YAML <- flags; every problem reported at once; every shipped recipe loads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lifecycle.config import STAGE_CONFIGS, PretrainConfig, build_config, dump_yaml, parse_set
+from lifecycle.errors import UsageError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_precedence_defaults_yaml_flags(tmp_path):
+    y = tmp_path / "r.yaml"
+    y.write_text("lr: 3e-4\nsteps: 7\nmodel: gpt2-tiny\n")  # PyYAML reads 3e-4 as a string: accepted as a float
+    cfg = build_config(PretrainConfig, str(y), {"out": "x", "steps": 9})
+    assert cfg.lr == pytest.approx(3e-4) and isinstance(cfg.lr, float)
+    assert cfg.steps == 9  # flag beats YAML
+    assert cfg.model == "gpt2-tiny"  # YAML beats default
+    assert cfg.batch_size == PretrainConfig().batch_size  # default kept
+
+
+def test_all_problems_reported_together(tmp_path):
+    y = tmp_path / "r.yaml"
+    y.write_text("lr: fast\nbatch_sise: 3\n")
+    with pytest.raises(UsageError) as e:
+        build_config(PretrainConfig, str(y), {"out": "x", "steps": "many"})
+    msg = str(e.value)
+    assert "batch_sise" in msg and "valid options" in msg and "batch_size" in msg
+    assert "lr" in msg and "steps" in msg
+    assert "\n" not in msg
+
+
+def test_validation_errors():
+    with pytest.raises(UsageError, match="min_lr"):
+        build_config(PretrainConfig, None, {"out": "x", "min_lr": 1.0, "lr": 0.1})
+    with pytest.raises(UsageError, match="--out is required"):
+        build_config(PretrainConfig, None, {})
+    with pytest.raises(UsageError, match="true or false"):
+        build_config(PretrainConfig, None, {"out": "x", "resume": "perhaps"})
+
+
+def test_yaml_that_is_not_a_mapping(tmp_path):
+    y = tmp_path / "r.yaml"
+    y.write_text("- a\n- b\n")
+    with pytest.raises(UsageError, match="mapping"):
+        build_config(PretrainConfig, str(y), {"out": "x"})
+    y.write_text("lr: [unclosed\n")
+    with pytest.raises(UsageError, match="not valid YAML"):
+        build_config(PretrainConfig, str(y), {"out": "x"})
+
+
+def test_parse_set_and_dump():
+    assert parse_set(["lr=1e-3", "steps=5", "data=a.txt,b.txt"]) == {"lr": "1e-3", "steps": 5, "data": "a.txt,b.txt"}
+    cfg = build_config(PretrainConfig, None, {"out": "x", **parse_set(["data=a.txt,b.txt"])}, check=False)
+    assert cfg.data == ["a.txt", "b.txt"]
+    with pytest.raises(UsageError, match="key=value"):
+        parse_set(["lr"])
+    text = dump_yaml(build_config(PretrainConfig, None, {"out": "x"}))
+    assert "lr: 0.003  # Peak learning rate." in text
+
+
+def _stage_of(path: Path) -> str | None:
+    for stage in sorted(STAGE_CONFIGS, key=len, reverse=True):
+        if path.stem.startswith(stage):
+            return stage
+    return None
+
+
+STAGE_RECIPES = sorted(p for p in (ROOT / "recipes").rglob("*.yaml") if _stage_of(p) and "accelerate" not in p.parts)
+
+
+@pytest.mark.parametrize("path", STAGE_RECIPES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_shipped_recipe_loads(path):
+    stage = _stage_of(path)
+    cfg = build_config(STAGE_CONFIGS[stage], str(path), {"out": "/tmp/recipe-check"}, check=False)
+    problems = [p for p in cfg.validate() if "--out" not in p and "does not exist" not in p and "not found" not in p]
+    assert not problems, problems
+
+
+def test_default_recipe_equals_builtin_defaults():
+    """recipes/default/pretrain.yaml restates the built-in defaults; they must not drift apart."""
+    from lifecycle.config import read_yaml
+
+    defaults = PretrainConfig()
+    for k, v in read_yaml(ROOT / "recipes/default/pretrain.yaml").items():
+        assert getattr(defaults, k) == pytest.approx(v) if isinstance(v, float) else getattr(defaults, k) == v, k
+
+
+def test_run_recipes_load():
+    from lifecycle.runner import load_recipe
+
+    plan = load_recipe(str(ROOT / "recipes/default"))
+    assert [s for s, _, _ in plan][0] == "pretrain"
+    for stage, path, _ in plan:
+        assert path is None or Path(path).is_file(), path
