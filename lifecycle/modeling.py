@@ -98,3 +98,127 @@ def load_causal_lm(path: str, dtype: str = "float32", trust_remote_code: bool = 
     return AutoModelForCausalLM.from_pretrained(
         path, dtype=getattr(torch, dtype), attn_implementation="sdpa", trust_remote_code=trust_remote_code
     )
+
+
+# ---------------------------------------------------------------------------
+# Loading for fine-tuning: full, LoRA, QLoRA (4-bit base + LoRA), DoRA
+# ---------------------------------------------------------------------------
+# `peft` options are any object with the fields of config.PeftCommon (lora,
+# qlora, dora, lora_r, lora_alpha, lora_dropout, lora_target_modules).
+CAUSAL_HEAD, REWARD_HEAD = "causal-lm", "reward"
+
+
+def lora_config(peft: Any, head: str = CAUSAL_HEAD):
+    """The peft LoraConfig for these options; `use_dora` turns LoRA into DoRA (Liu et al. 2024).
+
+    With target "all-linear" peft adapts every linear layer except the output
+    layer (lm_head, or the reward head `score`, which is trained in full via
+    modules_to_save because it starts from random).
+    """
+    from peft import LoraConfig, TaskType
+
+    targets = peft.lora_target_modules.strip()
+    targets = targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
+    return LoraConfig(
+        r=peft.lora_r,
+        lora_alpha=peft.lora_alpha,
+        lora_dropout=peft.lora_dropout,
+        target_modules=targets,
+        use_dora=peft.dora,
+        bias="none",
+        task_type=TaskType.SEQ_CLS if head == REWARD_HEAD else TaskType.CAUSAL_LM,
+    )
+
+
+def quantization_config(compute_dtype: str = "bfloat16"):
+    """QLoRA's 4-bit storage (Dettmers et al. 2023): NF4 weights, double-quantized scales, bf16 compute."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=getattr(torch, compute_dtype),
+    )
+
+
+def _from_pretrained(path: str, head: str, **kw):
+    """AutoModelForCausalLM, or a one-label AutoModelForSequenceClassification on the same backbone."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    if head == CAUSAL_HEAD:
+        return AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa", **kw)
+    # A causal LM's checkpoint has no `score` weights (they start random) and an
+    # lm_head that the classifier does not use: the load report says so; hush it.
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, attn_implementation="sdpa", **kw)
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def _disable_cpu_packed_4bit(model) -> None:
+    """Keep bitsandbytes on its generic 4-bit path on CPU. In eval mode it would
+    repack the weights for an inference kernel that needs every input width to be
+    a multiple of the 64-value block (small models are not) and leaves them
+    repacked when training resumes."""
+    for m in model.modules():
+        if m.__class__.__name__ == "Linear4bit":
+            m.support_avx512bf16_for_cpu = False
+
+
+def load_for_training(path: str, peft: Any, *, head: str = CAUSAL_HEAD, pad_token_id: int | None = None,
+                      gradient_checkpointing: bool = False, trust_remote_code: bool = False):
+    """Load `path` for fine-tuning: all weights trainable, or a peft model with LoRA/DoRA adapters.
+
+    QLoRA loads the frozen base in 4-bit NF4 and runs peft's
+    prepare_model_for_kbit_training (fp32 norms and embeddings, input grads for
+    checkpointing) before adding the adapters. `head="reward"` builds a
+    one-label sequence classifier on the causal LM's backbone.
+    """
+    import torch
+
+    kw: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if peft.qlora:
+        kw["quantization_config"] = quantization_config()
+        kw["dtype"] = torch.bfloat16
+    else:
+        kw["dtype"] = torch.float32
+    model = _from_pretrained(path, head, **kw)
+    if pad_token_id is not None:
+        model.config.pad_token_id = pad_token_id  # sequence classifiers find the last token through it
+    if peft.qlora:
+        from peft import prepare_model_for_kbit_training
+
+        _disable_cpu_packed_4bit(model)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    if peft.lora or peft.qlora or peft.dora:
+        from peft import get_peft_model
+
+        model = get_peft_model(model, lora_config(peft, head))
+    return model
+
+
+def describe_trainable(model) -> str:
+    """'trainable 12,288 of 868,480 parameters (1.41%)', 4-bit weights counted at their logical size."""
+    trainable, total = count_params(model)
+    return f"trainable {trainable:,} of {total:,} parameters ({100 * trainable / max(total, 1):.2f}%)"
+
+
+def merge_adapter(base: str, adapter_dir: str, *, head: str = CAUSAL_HEAD, pad_token_id: int | None = None,
+                  trust_remote_code: bool = False):
+    """A plain full model: the unquantized base (in its stored dtype) with the adapter merged into its weights.
+
+    For QLoRA this merges onto the original full-precision base weights, not the
+    4-bit copy the adapter was trained against; the difference is the 4-bit
+    rounding error, which the adapter never saw anyway.
+    """
+    from peft import PeftModel
+
+    model = _from_pretrained(base, head, dtype="auto", trust_remote_code=trust_remote_code)
+    if pad_token_id is not None:
+        model.config.pad_token_id = pad_token_id
+    return PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()

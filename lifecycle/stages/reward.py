@@ -1,0 +1,176 @@
+"""`llm reward`: train a reward model on preference pairs with TRL's RewardTrainer.
+
+The reward model is the causal LM's backbone with a one-output linear head
+(`AutoModelForSequenceClassification`, num_labels=1) read at the last token;
+the loss is -log σ(r_chosen - r_rejected) (Bradley-Terry, as in Ouyang et al.
+2022). Full fine-tuning, LoRA, QLoRA or DoRA.
+
+1. check the inputs: the base artifact's kind, the data's columns, the resume
+   request; no weights are loaded until all of it is right
+2. pairs: the user's, or on the built-in world pairs from --base's own
+   samples (2 per prompt at temperature 1) judged by the gold checker, for
+   training prompts and, the same way, for held-out prompts
+3. tokenize every pair once with `reward_model.encode` (what `score` reads
+   later); count sequences longer than max_length (they keep their end)
+4. model: the classifier on --base (or --init-from), adapters if asked
+5. measure the starting point: held-out pairwise accuracy
+6. train; eval accuracy every eval_every steps
+7. the final model (adapter merged unless --no-merge), held-out accuracy and margin
+8. write the artifact: model, OUT/adapter, tokenizer, OUT/log.jsonl, lifecycle.json
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+from lifecycle import artifacts, finetune
+from lifecycle.config import RewardConfig
+from lifecycle.data import formats, world
+from lifecycle.data.files import read_all
+from lifecycle.errors import UsageError
+from lifecycle.finetune import say
+
+
+def user_pairs(cfg: RewardConfig) -> tuple[list[dict], list[dict]]:
+    rows = formats.preference_rows(read_all(cfg.data), prompt_column=cfg.prompt_column, chosen_column=cfg.chosen_column,
+                                   rejected_column=cfg.rejected_column, chat_template=cfg.chat_template)
+    return formats.split_eval(rows, cfg.eval_fraction, cfg.seed)
+
+
+def world_pairs(cfg: RewardConfig, base_path: str, tokenizer) -> tuple[list[dict], list[dict]]:
+    """Pairs from the policy's own samples (chosen right, rejected wrong, by the gold checker)."""
+    from lifecycle.generate import generate_batch, render_prompts
+    from lifecycle.modeling import load_causal_lm
+
+    policy = load_causal_lm(base_path)
+    k = cfg.world_samples
+
+    def pairs_for(problems: list[world.Problem], seed: int) -> tuple[list[dict], float]:
+        prompts = render_prompts(tokenizer, [[world.user(p.question)] for p in problems])
+        samples = generate_batch(policy, tokenizer, [q for q in prompts for _ in range(k)], max_new_tokens=6,
+                                 temperature=cfg.sample_temperature, generator_seed=seed)
+        # Samples cut off by the length limit never ended; they are neither a fair chosen nor rejected.
+        texts = [[s.text for s in samples[i * k:(i + 1) * k] if s.ended] for i in range(len(problems))]
+        right = sum(world.gold_check(problems[i // k].question, s.text, s.ended) for i, s in enumerate(samples))
+        return world.preference_pairs(problems, seed=seed, samples=texts), right / max(len(samples), 1)
+
+    t = time.perf_counter()
+    train, acc_train = pairs_for(world.reward_problems(cfg.world_prompts, seed=cfg.seed), cfg.seed)
+    held, _ = pairs_for(world.heldout_problems(cfg.eval_problems), cfg.seed + 1)
+    say(f"reward: sampled {k} responses per prompt from {cfg.base} at temperature {cfg.sample_temperature} "
+        f"({acc_train:.1%} correct) in {time.perf_counter() - t:.0f}s")
+    del policy
+    return train, held
+
+
+def tokenize(tokenizer, pairs: list[dict], max_length: int) -> tuple[list[dict], int, int]:
+    """(rows with chosen_ids/rejected_ids, sequences truncated, pairs dropped as identical after truncation)."""
+    from lifecycle.reward_model import encode
+
+    prompts = [p.get("prompt", "") for p in pairs]
+    chosen, n1 = encode(tokenizer, prompts, [p["chosen"] for p in pairs], max_length)
+    rejected, n2 = encode(tokenizer, prompts, [p["rejected"] for p in pairs], max_length)
+    rows = [{"chosen_ids": c, "rejected_ids": r} for c, r in zip(chosen, rejected) if c != r]
+    return rows, n1 + n2, len(pairs) - len(rows)
+
+
+def run(cfg: RewardConfig) -> Path:
+    t_start = time.perf_counter()
+    out = Path(cfg.out)
+
+    # 1. Inputs ------------------------------------------------------------
+    info = artifacts.check_artifact(cfg.base, artifacts.CAUSAL_LM, "--base")
+    init = artifacts.check_artifact(cfg.init_from, artifacts.CAUSAL_LM, "--init-from") if cfg.init_from else info
+    resuming = finetune.check_resume(cfg)
+    builtin = not cfg.data
+    train_pairs, eval_pairs = ([], []) if builtin else user_pairs(cfg)
+
+    # 2. Pairs -------------------------------------------------------------
+    finetune.quiet()
+    import torch
+    import trl
+    from datasets import Dataset
+
+    from lifecycle.modeling import REWARD_HEAD, count_params, describe_trainable, load_for_training
+    from lifecycle.reward_model import pairwise_accuracy
+    from lifecycle.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(info["path"])
+    if builtin:
+        train_pairs, eval_pairs = world_pairs(cfg, info["path"], tokenizer)
+    if formats.is_conversational(train_pairs) and not tokenizer.chat_template:
+        raise UsageError(
+            f"the tokenizer in {cfg.base} has no chat template, but the pairs are conversational; use a base whose "
+            f"tokenizer has one, or give plain-text pairs without a prompt column"
+        )
+    say(f"reward: {len(train_pairs)} training pairs{' (built-in world)' if builtin else ''}, {len(eval_pairs)} held out")
+
+    # 3. Tokenize ----------------------------------------------------------
+    train_rows, truncated, identical = tokenize(tokenizer, train_pairs, cfg.max_length)
+    eval_rows, truncated_eval, _ = tokenize(tokenizer, eval_pairs, cfg.max_length)
+    if truncated + truncated_eval:
+        say(f"reward: {truncated + truncated_eval} sequences are longer than max_length={cfg.max_length} tokens; "
+            f"they keep their last {cfg.max_length} tokens (the score is read at the end)")
+    if identical:
+        say(f"reward: {identical} pairs became identical after truncation and were dropped")
+    if not train_rows:
+        raise UsageError(f"no training pairs left after truncation to max_length={cfg.max_length}; raise max_length")
+
+    # 4. Model -------------------------------------------------------------
+    torch.manual_seed(cfg.seed)
+    model = load_for_training(init["path"], cfg, head=REWARD_HEAD, pad_token_id=tokenizer.pad_token_id,
+                              gradient_checkpointing=cfg.gradient_checkpointing)
+    mode = "qlora" if cfg.qlora else "dora" if cfg.dora else "lora" if cfg.lora else "full"
+    say(f"reward: {mode} training of a reward model on {cfg.init_from or cfg.base}: {describe_trainable(model)}")
+    trainable, total = count_params(model)
+
+    # 5. Starting point ----------------------------------------------------
+    metrics: dict = {}
+    if eval_pairs:
+        before = pairwise_accuracy(model, tokenizer, eval_pairs, batch_size=cfg.eval_batch_size, max_length=cfg.max_length)
+        metrics.update(eval_accuracy_initial=before["accuracy"], eval_margin_initial=before["margin"])
+        say(f"reward: held-out pairwise accuracy before: {before['accuracy']:.3f}")
+
+    # 6. Train -------------------------------------------------------------
+    args = finetune.trainer_args(
+        trl.RewardConfig, cfg, has_eval=bool(eval_rows), resuming=resuming,
+        center_rewards_coefficient=cfg.center_rewards or None,
+        disable_dropout=True,
+    )
+    trainer = trl.RewardTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(train_rows),
+        eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
+        processing_class=tokenizer,
+    )
+    finetune.fp32_adapters_without_autocast(trainer, cfg)
+    finetune.attach_progress(trainer)
+    t_train = time.perf_counter()
+    trainer.train(resume_from_checkpoint=True if resuming else None)
+    train_seconds = time.perf_counter() - t_train
+
+    # 7. Final model and held-out metrics ----------------------------------
+    scratch = out / f".adapter-{os.getpid()}"
+    final = finetune.final_model(trainer.model, cfg, init["path"], REWARD_HEAD, tokenizer.pad_token_id, scratch)
+    if eval_pairs:
+        after = pairwise_accuracy(final, tokenizer, eval_pairs, batch_size=cfg.eval_batch_size, max_length=cfg.max_length)
+        metrics.update(eval_accuracy=after["accuracy"], eval_margin=after["margin"], eval_mean_score=after["mean_score"],
+                       eval_pairs=after["n"])
+        say(f"reward: held-out pairwise accuracy {metrics['eval_accuracy_initial']:.3f} -> {after['accuracy']:.3f} "
+            f"(margin {after['margin']:.2f})")
+    metrics.update(train_pairs=len(train_rows), truncated_sequences=truncated + truncated_eval,
+                   trainable_params=trainable, total_params=total, steps=trainer.state.global_step,
+                   train_seconds=round(train_seconds, 1), wall_seconds=round(time.perf_counter() - t_start, 1))
+
+    # 8. Artifact ----------------------------------------------------------
+    finetune.write_log(out, trainer.state.log_history)
+    extra = {"mode": mode, "init_from": artifacts.parent_record(init) if cfg.init_from else None}
+    path = finetune.save(final, trainer.model, tokenizer, cfg, stage="reward", metrics=metrics,
+                         parent=artifacts.parent_record(info), extra=extra)
+    shutil.rmtree(scratch, ignore_errors=True)
+    say(f"reward: wrote {path} in {metrics['wall_seconds']:.0f}s")
+    return path
