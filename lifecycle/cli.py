@@ -13,6 +13,7 @@ from typing import List, Optional
 import typer
 
 from lifecycle.config import PretrainConfig, build_config, describe, dump_yaml, parse_set
+from lifecycle.config import RewardConfig, SFTConfig
 from lifecycle.errors import Interrupted, UsageError
 
 app = typer.Typer(
@@ -75,16 +76,64 @@ def pretrain(
     _run_stage(PretrainConfig, "pretrain", config, ov, print_config)
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def sft(ctx: typer.Context) -> None:
+LORA_HELP = "Train LoRA adapters (rank lora_r on every linear layer by default) instead of all weights."
+QLORA_HELP = "QLoRA: LoRA adapters on a 4-bit NF4 copy of the base (bitsandbytes; works on CPU too)."
+DORA_HELP = "DoRA: weight-decomposed LoRA (implies --lora unless --qlora)."
+NO_MERGE_HELP = "Keep only the adapter (OUT/adapter); by default OUT also holds it merged into a plain model."
+
+
+@app.command(epilog="Config options (set with --set key=value or in the --config YAML):\n\n" + describe(SFTConfig))
+def sft(
+    base: Optional[str] = typer.Option(None, "--base", help="Causal-LM artifact to fine-tune (`llm pretrain` output) or a hub model id."),
+    out: Optional[str] = typer.Option(None, "--out", help="Output artifact directory; checkpoints go to OUT/checkpoints."),
+    data: Optional[List[str]] = typer.Option(None, "--data", help="Instruction data file(s) or a datasets hub id (repeatable; see docs/data.md); default: the built-in world."),
+    config: Optional[str] = typer.Option(None, "--config", help="Recipe YAML that fills the config (flags override it), e.g. recipes/default/sft.yaml."),
+    lora: bool = typer.Option(False, "--lora", help=LORA_HELP),
+    qlora: bool = typer.Option(False, "--qlora", help=QLORA_HELP),
+    dora: bool = typer.Option(False, "--dora", help=DORA_HELP),
+    no_merge: bool = typer.Option(False, "--no-merge", help=NO_MERGE_HELP),
+    packing: bool = typer.Option(False, "--packing", help="Pack several examples into each max_length block."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after N optimizer steps."),
+    save_every: Optional[int] = typer.Option(None, "--save-every", help="Checkpoint every N steps."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in OUT/checkpoints."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed."),
+    report_to: Optional[str] = typer.Option(None, "--report-to", help="none | tensorboard | wandb."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
+    print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config and exit."),
+) -> None:
     """Supervised fine-tuning on instructions (full, --lora, --qlora, --dora)."""
-    _not_yet("sft")
+    ov = _overrides(set_, base=base, out=out, data=data, lora=lora, qlora=qlora, dora=dora, packing=packing,
+                    max_steps=max_steps, save_every=save_every, resume=resume, seed=seed, report_to=report_to)
+    if no_merge:
+        ov["merge"] = False
+    _run_stage(SFTConfig, "sft", config, ov, print_config)
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def reward(ctx: typer.Context) -> None:
-    """Train a reward model on preference pairs."""
-    _not_yet("reward")
+@app.command(epilog="Config options (set with --set key=value or in the --config YAML):\n\n" + describe(RewardConfig))
+def reward(
+    base: Optional[str] = typer.Option(None, "--base", help="Causal-LM artifact (usually the `llm sft` output) or hub id; on the built-in world its samples make the pairs."),
+    out: Optional[str] = typer.Option(None, "--out", help="Output artifact directory; checkpoints go to OUT/checkpoints."),
+    data: Optional[List[str]] = typer.Option(None, "--data", help="Preference data file(s) or a datasets hub id with chosen/rejected (see docs/data.md); default: the built-in world."),
+    init_from: Optional[str] = typer.Option(None, "--init-from", help="Start the reward model's backbone from this causal LM instead of --base."),
+    config: Optional[str] = typer.Option(None, "--config", help="Recipe YAML that fills the config (flags override it), e.g. recipes/default/reward.yaml."),
+    lora: bool = typer.Option(False, "--lora", help=LORA_HELP),
+    qlora: bool = typer.Option(False, "--qlora", help=QLORA_HELP),
+    dora: bool = typer.Option(False, "--dora", help=DORA_HELP),
+    no_merge: bool = typer.Option(False, "--no-merge", help=NO_MERGE_HELP),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after N optimizer steps."),
+    save_every: Optional[int] = typer.Option(None, "--save-every", help="Checkpoint every N steps."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in OUT/checkpoints."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed."),
+    report_to: Optional[str] = typer.Option(None, "--report-to", help="none | tensorboard | wandb."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
+    print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config and exit."),
+) -> None:
+    """Train a reward model on preference pairs (full, --lora, --qlora, --dora)."""
+    ov = _overrides(set_, base=base, out=out, data=data, init_from=init_from, lora=lora, qlora=qlora, dora=dora,
+                    max_steps=max_steps, save_every=save_every, resume=resume, seed=seed, report_to=report_to)
+    if no_merge:
+        ov["merge"] = False
+    _run_stage(RewardConfig, "reward", config, ov, print_config)
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
