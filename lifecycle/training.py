@@ -26,6 +26,22 @@ STATE = "state.json"
 
 
 # ---------------------------------------------------------------------------
+# Accelerator
+# ---------------------------------------------------------------------------
+def make_accelerator(**kw):
+    """An Accelerator that forms a gloo process group on machines without CUDA.
+
+    Accelerate only starts a CPU process group when told it runs on the CPU; so
+    `torchrun`/`accelerate launch --num_processes N` on a CPU-only machine would
+    otherwise give N independent single-process runs.
+    """
+    import torch
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=not torch.cuda.is_available(), **kw)
+
+
+# ---------------------------------------------------------------------------
 # Learning-rate schedule
 # ---------------------------------------------------------------------------
 def lr_at(step: int, *, lr: float, min_lr: float, warmup: int, total: int) -> float:

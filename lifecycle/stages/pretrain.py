@@ -113,7 +113,6 @@ def run(cfg: PretrainConfig) -> Path:
     ck = _preflight(cfg)
     train_docs, eval_docs, about = _load_corpus(cfg)  # bad data fails here, before torch is imported
     import torch
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     from lifecycle import artifacts, training
@@ -125,7 +124,7 @@ def run(cfg: PretrainConfig) -> Path:
     tok_dir = out / "checkpoints" / "tokenizer"
 
     # -- 0. accelerator ------------------------------------------------------
-    acc = Accelerator(
+    acc = training.make_accelerator(
         mixed_precision=cfg.mixed_precision,
         log_with=None if cfg.report_to == "none" else cfg.report_to,
         project_dir=str(out),
