@@ -47,7 +47,8 @@ def maybe_spawn_cpu_ranks() -> None:
     if any(v in env for v in RANK_VARS):
         return
     argv = _launcher_argv()
-    if "launch" not in argv:
+    # `accelerate launch`, `accelerate-launch` or `python -m accelerate.commands.launch`.
+    if not any("launch" in os.path.basename(a) for a in argv[:4]):
         return
     n = requested_processes(argv)
     if n <= 1:
