@@ -20,8 +20,17 @@ RANK_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SI
 
 
 def requested_processes(argv: list[str]) -> int:
-    """`--num_processes N` (or `=N`) from an `accelerate launch` command line; 1 if absent."""
+    """`--num_processes N` (or `=N`) from an `accelerate launch` command line, else from its
+    `--config_file`; 1 if neither says."""
     for i, a in enumerate(argv):
+        if a in ("--config_file", "--config-file") and i + 1 < len(argv) and "--num_processes" not in argv:
+            try:
+                import yaml
+
+                with open(argv[i + 1], encoding="utf-8") as f:
+                    return int((yaml.safe_load(f) or {}).get("num_processes", 1))
+            except (OSError, ValueError, TypeError, AttributeError):
+                return 1
         if a in ("--num_processes", "--num-processes") and i + 1 < len(argv):
             return int(argv[i + 1]) if argv[i + 1].isdigit() else 1
         for flag in ("--num_processes=", "--num-processes="):

@@ -96,3 +96,13 @@ def test_run_recipes_load():
     assert [s for s, _, _ in plan][0] == "pretrain"
     for stage, path, _ in plan:
         assert path is None or Path(path).is_file(), path
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "recipes/accelerate").glob("*.yaml")), ids=lambda p: p.name)
+def test_accelerate_configs_parse(path):
+    """Every shipped Accelerate config loads with Accelerate's own config reader."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    cfg = load_config_from_file(str(path))
+    assert cfg.num_processes >= 2
+    assert str(cfg.distributed_type).split(".")[-1] in {"MULTI_GPU", "FSDP", "DEEPSPEED", "MULTI_CPU"}

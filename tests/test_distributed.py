@@ -56,3 +56,10 @@ def test_two_process_pretrain_equals_one_process(tmp_path):
     diff = max((a[k] - b[k]).abs().max().item() for k in a)
     assert diff <= 1e-5, diff
     assert m_two["metrics"]["eval_loss"] == pytest.approx(m_one["metrics"]["eval_loss"], abs=1e-5)
+
+
+def test_requested_processes_from_config_file(tmp_path):
+    from pathlib import Path
+
+    cfg = Path(__file__).resolve().parents[1] / "recipes/accelerate/cpu-2proc.yaml"
+    assert requested_processes(["accelerate", "launch", "--config_file", str(cfg), "-m", "lifecycle"]) == 2
