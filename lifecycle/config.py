@@ -207,7 +207,7 @@ class SFTConfig(PeftCommon, TrainCommon):
     packing: bool = opt(False, "Pack several examples into each max_length block (fewer pad tokens; examples do not attend to each other).")
     eval_fraction: float = opt(0.05, "Share of user rows held out for eval loss (the built-in world has its own held-out problems).")
     world_examples: int = opt(1500, "Built-in world: sloppy-labelled training examples to generate.")
-    eval_problems: int = opt(500, "Built-in world: held-out problems answered greedily for gold_accuracy (0 skips it).")
+    eval_problems: int = opt(500, "Built-in world: held-out problems for eval loss (sloppy labels) and greedy gold_accuracy (0 skips both).")
     # --- optimisation ---
     batch_size: int = opt(32, "Examples per micro-batch per process.")
     grad_accum: int = opt(1, "Micro-batches accumulated into one optimizer step.")

@@ -117,6 +117,13 @@ def fp32_adapters_without_autocast(trainer, cfg: Any) -> None:
                 p.data = p.data.float()
 
 
+def drop_eval(trainer) -> None:
+    """Train without evaluation (the held-out split turned out empty after the trainer's preprocessing)."""
+    trainer.eval_dataset = None
+    trainer.args.eval_strategy = "no"
+    trainer.args.eval_on_start = False
+
+
 def attach_progress(trainer) -> None:
     """Swap the Trainer's raw log printing for our one-line progress report."""
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
@@ -152,9 +159,9 @@ def _progress_class():
                 if "accuracy" in logs:
                     parts.append(f"acc {logs['accuracy']:.3f}")
                 parts.append(f"lr {logs.get('learning_rate', 0):.2e}")
-            elif any(k.startswith("eval_") for k in logs):
-                parts = [f"{k} {logs[k]:.4f}" for k in ("eval_loss", "eval_accuracy", "eval_margin") if k in logs]
             else:
+                parts = [f"{k} {logs[k]:.4f}" for k in ("eval_loss", "eval_accuracy", "eval_margin") if k in logs]
+            if not parts:
                 return
             print(f"step {step:>5}/{total}  " + "  ".join(parts) + f"  | {elapsed:.0f}s, eta {_eta(eta)}", flush=True)
 

@@ -32,7 +32,7 @@ def load_rows(cfg: SFTConfig) -> tuple[str, list[dict], list[dict]]:
     """(shape, train rows, eval rows) in TRL's columns, from the user's data or the built-in world."""
     if not cfg.data:
         return (formats.PROMPT_COMPLETION, world.sft_examples(cfg.world_examples, seed=cfg.seed),
-                world.sft_examples(world.N_HELDOUT, seed=cfg.seed, heldout=True))
+                world.sft_examples(cfg.eval_problems, seed=cfg.seed, heldout=True) if cfg.eval_problems else [])
     shape, rows = formats.sft_rows(
         read_all(cfg.data, cfg.text_column), messages_column=cfg.messages_column, prompt_column=cfg.prompt_column,
         completion_column=cfg.completion_column, text_column=cfg.text_column, chat_template=cfg.chat_template,
@@ -127,6 +127,10 @@ def run(cfg: SFTConfig) -> Path:
         say(f"sft: {dropped} rows had no completion tokens left within max_length={cfg.max_length} and were dropped")
     if len(trainer.train_dataset) == 0:
         raise UsageError(f"no training rows left after truncation to max_length={cfg.max_length}; raise max_length")
+    if eval_rows and len(trainer.eval_dataset) == 0:
+        say(f"sft: no held-out row keeps a completion token within max_length={cfg.max_length}; training without eval loss")
+        finetune.drop_eval(trainer)
+        eval_rows = []
     finetune.fp32_adapters_without_autocast(trainer, cfg)
     finetune.attach_progress(trainer)
     t_train = time.perf_counter()
