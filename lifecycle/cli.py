@@ -14,6 +14,7 @@ import typer
 
 from lifecycle.config import PretrainConfig, build_config, describe, dump_yaml, parse_set
 from lifecycle.config import RewardConfig, SFTConfig
+from lifecycle.config import PPOConfig
 from lifecycle.errors import Interrupted, UsageError
 
 app = typer.Typer(
@@ -136,10 +137,32 @@ def reward(
     _run_stage(RewardConfig, "reward", config, ov, print_config)
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def ppo(ctx: typer.Context) -> None:
-    """RLHF with PPO against a reward model."""
-    _not_yet("ppo")
+@app.command(epilog="Config options (set with --set key=value or in the --config YAML):\n\n" + describe(PPOConfig))
+def ppo(
+    policy: Optional[str] = typer.Option(None, "--policy", help="The SFT policy (causal-LM artifact or hub id): the actor starts from it and it is the frozen reference."),
+    reward: Optional[str] = typer.Option(None, "--reward", help="The reward model (`llm reward` output: a one-label sequence classifier); frozen."),
+    out: Optional[str] = typer.Option(None, "--out", help="Output artifact directory; checkpoints go to OUT/checkpoints, the critic to OUT/critic."),
+    config: Optional[str] = typer.Option(None, "--config", help="Recipe YAML that fills the config (flags override it), e.g. recipes/default/ppo.yaml."),
+    prompts: Optional[str] = typer.Option(None, "--prompts", help="Prompt file or datasets hub id; default: the built-in world's problems."),
+    lora: bool = typer.Option(False, "--lora", help="Train a LoRA adapter on the actor; the reference is the actor with the adapter disabled."),
+    qlora: bool = typer.Option(False, "--qlora", help="As --lora, on a 4-bit NF4 copy of the policy."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after N PPO iterations (rollout batch + its epochs)."),
+    save_every: Optional[int] = typer.Option(None, "--save-every", help="Checkpoint every N iterations."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in OUT/checkpoints."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed."),
+    strict: bool = typer.Option(False, "--strict", help="Refuse to start when the reward-model quality gate fails."),
+    stop_on_collapse: bool = typer.Option(False, "--stop-on-collapse", help="Save a checkpoint and stop when the watchdog raises an alarm."),
+    explain: bool = typer.Option(False, "--explain", help="Print the batch hierarchy and memory estimate, then exit."),
+    report_to: Optional[str] = typer.Option(None, "--report-to", help="none | tensorboard | wandb."),
+    force: bool = typer.Option(False, "--force", help="Run even if the memory estimate says it will not fit."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
+    print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config and exit."),
+) -> None:
+    """RLHF with PPO against a reward model (actor, frozen reference, frozen reward model, critic)."""
+    ov = _overrides(set_, policy=policy, reward=reward, out=out, prompts=prompts, lora=lora, qlora=qlora,
+                    max_steps=max_steps, save_every=save_every, resume=resume, seed=seed, strict=strict,
+                    stop_on_collapse=stop_on_collapse, explain=explain, report_to=report_to, force=force)
+    _run_stage(PPOConfig, "ppo", config, ov, print_config)
 
 
 @app.command("estimate-memory", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

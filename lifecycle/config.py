@@ -288,7 +288,128 @@ class RewardConfig(PeftCommon, TrainCommon):
         return self.max_steps if self.max_steps > 0 else self.steps
 
 
-STAGE_CONFIGS: dict[str, type] = {"pretrain": PretrainConfig, "sft": SFTConfig, "reward": RewardConfig}
+# ---------------------------------------------------------------------------
+# RLHF with PPO (our own loop: lifecycle/stages/ppo.py, math in lifecycle/rl.py)
+# ---------------------------------------------------------------------------
+@dataclass
+class PPOConfig(PeftCommon, TrainCommon):
+    """`llm ppo`: RLHF with PPO against a reward model (actor, frozen reference, frozen reward model, critic)."""
+
+    # --- roles ---
+    policy: str = opt("", "Causal-LM artifact to improve (usually the sft output) or a hub id: initialises the actor and is the frozen reference.")
+    reward: str = opt("", "Reward-model artifact (`llm reward` output: a one-label sequence classifier) or a hub id; frozen.")
+    critic: str = opt("reward", "Where the critic (per-token value head) starts: reward (the reward model, as in InstructGPT), policy (the policy's backbone + a new zero head) or a sequence-classifier directory.")
+    critic_lora: bool = opt(False, "With --lora/--qlora: train the critic as a LoRA adapter (+ its value head) too, instead of all its weights.")
+    share_base: bool = opt(True, "With --lora/--qlora, when the reward model is a LoRA adapter over the policy's own weights: keep one (optionally 4-bit) copy of those weights for all four roles.")
+    # --- prompts ---
+    prompts: str = opt("", "Prompt file (.jsonl/.json/.csv/.parquet/.txt) or datasets hub id; empty = the built-in world's training problems.")
+    prompt_column: str = opt("prompt", "Column with the prompt: a string, or a list of chat messages (rendered with the policy's chat template).")
+    world_prompts: int = opt(4000, "Built-in world: number of training prompts to draw rollouts from.")
+    eval_prompts: int = opt(500, "Held-out prompts for evaluation (built-in world: its held-out problems; user prompts: the last ones, kept out of training).")
+    # --- rollouts ---
+    prompts_per_rollout: int = opt(128, "Prompts per rollout batch, over all processes (one response each); must divide by the number of processes.")
+    max_new_tokens: int = opt(5, "Response tokens at most; a response that has not emitted EOS by then counts as never ending.")
+    temperature: float = opt(1.0, "Sampling temperature for rollouts (log-probabilities are taken at the same temperature).")
+    top_k: int = opt(0, "Sample among the k most likely tokens during rollouts (0: off; PPO's ratios assume the untruncated distribution).")
+    top_p: float = opt(1.0, "Nucleus sampling for rollouts (1: off).")
+    missing_eos_penalty: float = opt(1.0, "Subtracted from the (normalised) score of a response that never emits EOS (0 disables).")
+    normalize_reward: bool = opt(True, "Divide scores by the first rollout's std after subtracting its mean, then hold both fixed.")
+    # --- KL penalty ---
+    kl_coef: float = opt(0.15, "β: per-token penalty -β·(log π - log π_ref). The study's safe value; 0.05 got the reward model hacked.")
+    kl_estimator: str = opt("k1", "Per-token KL estimator in the reward: k1 (log-ratio, unbiased), k2 (½ log-ratio², never negative) or k3 (unbiased, never negative).")
+    adaptive_kl: bool = opt(False, "Adapt β towards kl_target (Ziegler et al. 2019) instead of holding it fixed.")
+    kl_target: float = opt(1.0, "Adaptive KL: target KL per response, in nats.")
+    kl_horizon: int = opt(10000, "Adaptive KL: horizon in episodes (β moves by at most 20% × episodes / horizon per rollout).")
+    # --- PPO update ---
+    ppo_epochs: int = opt(4, "Passes over each rollout batch.")
+    minibatch_size: int = opt(64, "Episodes per optimizer step, over all processes (prompts_per_rollout / minibatch_size minibatches per epoch).")
+    micro_batch_size: int = opt(64, "Episodes per forward/backward on one process; gradients of a minibatch accumulate over its micro-batches.")
+    lr: float = opt(5e-5, "Actor learning rate (Adam, constant).")
+    critic_lr: float = opt(3e-4, "Critic learning rate (Adam, constant).")
+    weight_decay: float = opt(0.0, "AdamW weight decay for actor and critic.")
+    grad_clip: float = opt(1.0, "Clip each model's gradient norm to this value (0 disables).")
+    clip_range: float = opt(0.2, "ε of the clipped surrogate: ratios outside [1-ε, 1+ε] get no gradient.")
+    value_clip: float = opt(0.2, "Clip the critic's change from its rollout values to ±this (0 disables).")
+    gamma: float = opt(1.0, "GAE discount γ.")
+    lam: float = opt(0.95, "GAE λ.")
+    whiten_advantages: bool = opt(True, "Whiten advantages over each rollout batch.")
+    entropy_coef: float = opt(0.0, "Entropy bonus coefficient in the actor loss (0 disables).")
+    target_kl: float = opt(0.0, "Early stop: once a minibatch's approximate KL(π_old || π) exceeds this, skip its step and the rest of this iteration's epochs (0 disables).")
+    steps: int = opt(150, "PPO iterations of the recipe (one rollout batch + its epochs each; overridden by --max-steps).")
+    # --- evaluation ---
+    eval_every: int = opt(25, "Held-out evaluation (mean RM score, gold accuracy on the built-in world, KL) every N iterations, plus before and after.")
+    # --- guards ---
+    strict: bool = opt(False, "Refuse to start when the reward-model quality gate fails (default: warn).")
+    gate_min_accuracy: float = opt(0.7, "Quality gate: lowest acceptable held-out pairwise accuracy (the reward manifest's eval_accuracy).")
+    gate_max_length_corr: float = opt(0.5, "Quality gate: highest acceptable |correlation| of the RM score with response length on sampled responses.")
+    gate_samples: int = opt(256, "Quality gate: responses sampled to measure the length correlation.")
+    stop_on_collapse: bool = opt(False, "When the watchdog raises an alarm, save a checkpoint and stop (default: warn and go on).")
+    watch_negative_kl: float = opt(0.2, "Watchdog: alarm when the batch's mean KL to the reference falls below minus this (nats).")
+    watch_length_drift: float = opt(0.5, "Watchdog: alarm when mean response length moves more than this fraction from the first rollout's.")
+    watch_distinct: float = opt(0.5, "Watchdog: alarm when distinct-2 of the responses falls below this fraction of the first rollout's.")
+    watch_eos_rate: float = opt(0.5, "Watchdog: alarm when fewer than this share of responses end with EOS.")
+    watch_entropy: float = opt(0.1, "Watchdog: alarm when per-token entropy falls below this fraction of the first rollout's.")
+    watch_hack_gold_drop: float = opt(0.05, "Watchdog (built-in world): flag reward hacking when held-out gold accuracy falls this much below its best while the RM score is above its value then.")
+    # --- misc ---
+    save_every: int = opt(50, "Write a checkpoint every N PPO iterations (0 disables periodic checkpoints).")
+    log_every: int = opt(1, "Print a progress line every N PPO iterations (OUT/log.jsonl gets every iteration).")
+    explain: bool = opt(False, "Print the batch hierarchy and the memory estimate of the four roles, then exit.")
+    debug_digest: bool = opt(False, "Write OUT/digests/rank-R.json with a sha256 of this process's actor and critic weights after each step (checks that processes agree).")
+
+    def validate(self) -> list[str]:
+        p = self._common_problems() + self._peft_problems()
+        if not self.policy:
+            p.append("--policy is required (the causal-LM artifact to improve, e.g. runs/default/sft)")
+        if not self.reward:
+            p.append("--reward is required (the reward-model artifact, e.g. runs/default/reward)")
+        if not self.critic:
+            p.append("critic is empty; use reward, policy or a sequence-classifier directory")
+        if self.dora:
+            p.append("--dora is not supported by ppo; use --lora or --qlora")
+        for name in ("prompts_per_rollout", "max_new_tokens", "ppo_epochs", "minibatch_size", "micro_batch_size",
+                     "steps", "eval_every", "eval_prompts", "world_prompts", "gate_samples", "kl_horizon"):
+            if getattr(self, name) < 1:
+                p.append(f"{name}={getattr(self, name)}; must be at least 1")
+        if self.max_steps == 0 or self.max_steps < -1:
+            p.append(f"max_steps={self.max_steps}; must be positive (or -1 for the recipe's length)")
+        if self.minibatch_size >= 1 and self.prompts_per_rollout % self.minibatch_size:
+            p.append(f"prompts_per_rollout={self.prompts_per_rollout} is not a multiple of minibatch_size={self.minibatch_size}")
+        for name in ("lr", "critic_lr"):
+            if not 0 < getattr(self, name) < 1:
+                p.append(f"{name}={getattr(self, name)}; expected a value in (0, 1)")
+        if self.temperature <= 0:
+            p.append(f"temperature={self.temperature}; must be > 0 (PPO needs sampled responses)")
+        if self.top_k < 0:
+            p.append(f"top_k={self.top_k}; must be >= 0")
+        if not 0 < self.top_p <= 1:
+            p.append(f"top_p={self.top_p}; must lie in (0, 1]")
+        if self.kl_coef < 0:
+            p.append(f"kl_coef={self.kl_coef}; must be >= 0")
+        if self.kl_estimator not in ("k1", "k2", "k3"):
+            p.append(f"kl_estimator={self.kl_estimator!r}; expected k1, k2 or k3")
+        if self.adaptive_kl and self.kl_target <= 0:
+            p.append(f"kl_target={self.kl_target}; must be > 0 with adaptive_kl")
+        if not 0 <= self.gamma <= 1 or not 0 <= self.lam <= 1:
+            p.append(f"gamma={self.gamma}, lam={self.lam}; both must lie in [0, 1]")
+        for name in ("clip_range", "value_clip", "entropy_coef", "target_kl", "grad_clip", "weight_decay", "missing_eos_penalty"):
+            if getattr(self, name) < 0:
+                p.append(f"{name}={getattr(self, name)}; must be >= 0")
+        if self.clip_range == 0:
+            p.append("clip_range=0 freezes the policy; use a value such as 0.2")
+        for name in ("gate_min_accuracy", "gate_max_length_corr", "watch_length_drift", "watch_distinct",
+                     "watch_eos_rate", "watch_entropy", "watch_hack_gold_drop"):
+            if not 0 <= getattr(self, name) <= 1:
+                p.append(f"{name}={getattr(self, name)}; expected a value in [0, 1]")
+        if self.watch_negative_kl < 0:
+            p.append(f"watch_negative_kl={self.watch_negative_kl}; must be >= 0")
+        return p
+
+    @property
+    def total_steps(self) -> int:
+        return self.max_steps if self.max_steps > 0 else self.steps
+
+
+STAGE_CONFIGS: dict[str, type] = {"pretrain": PretrainConfig, "sft": SFTConfig, "reward": RewardConfig, "ppo": PPOConfig}
 
 
 # ---------------------------------------------------------------------------

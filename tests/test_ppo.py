@@ -1,0 +1,234 @@
+"""`llm ppo` end to end on tiny models: a toy task PPO must learn, the artifact and resume, two processes, bad input.
+
+The slow real-world check (the built-in world from the default SFT policy and
+reward model, three seeds) is recorded in docs/ppo.md; it needs the outputs of
+the earlier stages and minutes, not seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lifecycle.config import PPOConfig, build_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _save_classifier(tmp_path_factory, tokenizer, name: str, num_labels: int = 1, metrics: dict | None = None):
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from lifecycle.artifacts import save_model_artifact
+    from lifecycle.modeling import model_config
+
+    torch.manual_seed(1)
+    cfg = model_config("llama-micro", len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id)
+    cfg.num_labels = num_labels
+    model = AutoModelForSequenceClassification.from_config(cfg)
+    out = tmp_path_factory.mktemp(name)
+    save_model_artifact(model, tokenizer, out, stage="reward", config={}, metrics=metrics or {}, parent=None, seed=0)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_reward(tmp_path_factory, tiny_tokenizer):
+    """A reward-kind artifact: an untrained one-label classifier on the tiny tokenizer."""
+    return _save_classifier(tmp_path_factory, tiny_tokenizer, "tiny_reward", metrics={"eval_accuracy": 0.9})
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    """A 20-token word-level tokenizer with a tiny untrained policy and reward model.
+
+    With 20 tokens an untrained policy emits any one of them ~5% of the time, so
+    a reward for one token is found at once and PPO's progress is visible in a
+    few iterations.
+    """
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from lifecycle.artifacts import save_model_artifact
+    from lifecycle.modeling import build_model, model_config
+    from lifecycle.tokenizer import CHAT_TEMPLATE, EOS, PAD, SPECIAL_TOKENS
+
+    words = SPECIAL_TOKENS + ["<unk>", "what", "is", "plus", "?"] + [str(d) for d in range(10)]
+    t = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Digits(individual_digits=True)])
+    t.add_special_tokens(SPECIAL_TOKENS)
+    tok = PreTrainedTokenizerFast(tokenizer_object=t, eos_token=EOS, pad_token=PAD, unk_token="<unk>",
+                                  additional_special_tokens=SPECIAL_TOKENS[2:])
+    tok.chat_template = CHAT_TEMPLATE
+    torch.manual_seed(0)
+    policy = tmp_path_factory.mktemp("toy_policy")
+    cfg = model_config("llama-micro", len(tok), tok.eos_token_id, tok.pad_token_id)
+    save_model_artifact(build_model(cfg), tok, policy, stage="sft", config={}, metrics={}, parent=None, seed=0)
+    reward = _save_classifier(tmp_path_factory, tok, "toy_reward")
+    return {"policy": policy, "reward": reward, "target": tok.convert_tokens_to_ids("7")}
+
+
+def _log(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if line.strip()]
+
+
+SMALL = dict(prompts_per_rollout=16, minibatch_size=8, micro_batch_size=4, max_new_tokens=4, eval_prompts=16,
+             gate_samples=16, world_prompts=200, save_every=0, log_every=100)
+
+
+# ---------------------------------------------------------------------------
+def test_toy_task_ppo_learns_the_preferred_token(toy, tmp_path):
+    """The reward is the share of "7" in the response; PPO must learn to say 7, with KL to the reference rising from 0."""
+    from lifecycle.stages import ppo
+
+    target = toy["target"]
+
+    def score_fn(prompts, samples):
+        return [sum(t == target for t in s.token_ids) / len(s.token_ids) for s in samples]
+
+    out = tmp_path / "toy"
+    cfg = build_config(PPOConfig, None, dict(
+        policy=str(toy["policy"]), reward=str(toy["reward"]), out=str(out), critic="policy", max_steps=10,
+        prompts_per_rollout=32, minibatch_size=16, micro_batch_size=16, max_new_tokens=4, lr=1e-2, critic_lr=1e-2,
+        kl_coef=0.05, missing_eos_penalty=0.0, normalize_reward=False, eval_prompts=16, eval_every=10,
+        world_prompts=200, save_every=0, log_every=100, seed=0))
+    ppo.run(cfg, score_fn=score_fn)
+    steps = [d for d in _log(out) if "score_mean" in d]
+    assert len(steps) == 10
+    assert steps[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # the first rollout comes from the reference itself
+    assert steps[0]["score_mean"] < 0.2  # ~1 token in 20 at the start
+    assert (steps[-1]["score_mean"] + steps[-2]["score_mean"]) / 2 > 0.5, [round(d["score_mean"], 2) for d in steps]
+    assert steps[-1]["kl"] > 0.5
+    manifest = json.loads((out / "lifecycle.json").read_text())
+    assert manifest["metrics"]["score"] == pytest.approx(1.0)  # greedy answers are all 7s
+    assert manifest["metrics"]["score_initial"] < 0.5
+
+
+def test_stage_lora_artifact_and_resume(tiny_base, tiny_reward, tmp_path):
+    """--lora: the reference is the actor with its adapter off; the artifact is a merged causal LM + OUT/critic; resume continues."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from lifecycle.stages import ppo
+
+    out = tmp_path / "ppo"
+    opts = dict(policy=str(tiny_base), reward=str(tiny_reward), out=str(out), lora=True, lr=1e-2, max_steps=2,
+                eval_every=1, **SMALL)
+    ppo.run(build_config(PPOConfig, None, opts))
+    for f in ("config.json", "model.safetensors", "tokenizer.json", "lifecycle.json", "log.jsonl",
+              "critic/config.json", "critic/model.safetensors", "adapter/adapter_config.json", "checkpoints/step-000002/state.json"):
+        assert (out / f).is_file(), f
+    m = json.loads((out / "lifecycle.json").read_text())
+    assert m["stage"] == "ppo" and m["kind"] == "causal-lm"
+    assert m["parent"]["path"] == str(Path(tiny_base).resolve())
+    assert m["reward"]["path"] == str(Path(tiny_reward).resolve())
+    for k in ("score_initial", "score", "gold_accuracy_initial", "gold_accuracy", "kl"):
+        assert isinstance(m["metrics"][k], float), k
+    assert "critic/model.safetensors" in m["files"]
+    # A plain merged causal LM that differs from the policy; the critic a plain one-label classifier.
+    actor = AutoModelForCausalLM.from_pretrained(out)
+    assert not any(n.startswith("base_model") or "lora" in n for n in actor.state_dict())
+    before = load_file(Path(tiny_base) / "model.safetensors")
+    after = actor.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before if k in after)
+    assert AutoModelForSequenceClassification.from_pretrained(out / "critic").config.num_labels == 1
+    log = _log(out)
+    assert all("step" in d for d in log)
+    step1 = next(d for d in log if d["step"] == 1 and "score_mean" in d)
+    for k in ("score_mean", "score_std", "kl", "entropy", "clipfrac", "approx_kl", "value_loss", "explained_variance",
+              "response_length", "eos_rate", "eval_score", "eval_gold_accuracy", "eval_kl"):
+        assert k in step1, k
+    assert step1["kl"] == pytest.approx(0.0, abs=1e-6)  # adapter starts at zero: actor == reference
+
+    # Resume: one more iteration on top of the final checkpoint.
+    ppo.run(build_config(PPOConfig, None, {**opts, "max_steps": 3, "resume": True}))
+    steps = [d["step"] for d in _log(out) if "score_mean" in d]
+    assert steps == [1, 2, 3]
+    assert json.loads((out / "lifecycle.json").read_text())["metrics"]["iterations"] == 3
+
+
+def test_explain_prints_the_batch_hierarchy(tiny_base, tiny_reward, tmp_path, capsys):
+    from lifecycle.stages import ppo
+
+    out = tmp_path / "explain"
+    ppo.run(build_config(PPOConfig, None, dict(policy=str(tiny_base), reward=str(tiny_reward), out=str(out), explain=True)))
+    text = capsys.readouterr().out
+    for s in ("rollout batch     128 prompts", "minibatches       2 per epoch of 64", "optimizer steps   8 per iteration",
+              "19,200 episodes", "actor", "reference", "reward", "critic", "MiB"):
+        assert s in text, s
+    assert not out.exists()  # nothing written
+
+
+@pytest.mark.parametrize("name", ["ppo.yaml", "ppo-hacking.yaml"])
+def test_recipes_load(name, tmp_path):
+    cfg = build_config(PPOConfig, str(REPO / "recipes" / "default" / name),
+                       {"policy": "runs/default/sft", "reward": "runs/default/reward", "out": str(tmp_path / "o")})
+    defaults = PPOConfig(policy="runs/default/sft", reward="runs/default/reward", out=str(tmp_path / "o"))
+    if name == "ppo.yaml":  # the default recipe restates the defaults
+        assert cfg == defaults
+    else:
+        assert (cfg.kl_coef, cfg.lr) == (0.05, 1e-4)
+
+
+# ---------------------------------------------------------------------------
+def _cli(*args, timeout=120, env=None):
+    return subprocess.run([sys.executable, "-m", "lifecycle", "ppo", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO, env={**os.environ, **(env or {})})
+
+
+def _one_error_line(p):
+    assert p.returncode == 2, p.stderr
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), p.stderr
+    assert "Traceback" not in p.stderr
+    return lines[0]
+
+
+def test_bad_input_swapped(tiny_base, tiny_reward, tmp_path):
+    line = _one_error_line(_cli("--policy", str(tiny_reward), "--reward", str(tiny_base), "--out", str(tmp_path / "o")))
+    assert "swapped" in line
+
+
+def test_bad_input_reward_not_one_label(tiny_base, tiny_tokenizer, tmp_path_factory, tmp_path):
+    two = _save_classifier(tmp_path_factory, tiny_tokenizer, "two_labels", num_labels=2)
+    line = _one_error_line(_cli("--policy", str(tiny_base), "--reward", str(two), "--out", str(tmp_path / "o")))
+    assert "2 labels" in line
+    line = _one_error_line(_cli("--policy", str(tiny_base), "--reward", str(tiny_base), "--out", str(tmp_path / "o")))
+    assert "reward-model is expected" in line
+
+
+def test_bad_input_empty_prompt_file(tiny_base, tiny_reward, tmp_path):
+    empty = tmp_path / "prompts.jsonl"
+    empty.write_text("")
+    line = _one_error_line(_cli("--policy", str(tiny_base), "--reward", str(tiny_reward), "--out", str(tmp_path / "o"),
+                                "--prompts", str(empty)))
+    assert "empty" in line
+
+
+def test_two_processes_hold_identical_weights(tiny_base, tiny_reward, tmp_path):
+    """accelerate launch --cpu --num_processes 2: each rank samples its own rollouts; DDP keeps the weights equal."""
+    from lifecycle.modeling import load_causal_lm
+    from lifecycle.stages.ppo import weights_digest
+
+    out = tmp_path / "ddp"
+    sets = [f"{k}={v}" for k, v in {**SMALL, "debug_digest": True, "eval_every": 2, "lr": 1e-3}.items()]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "lifecycle", "ppo",
+           "--policy", str(tiny_base), "--reward", str(tiny_reward), "--out", str(out), "--max-steps", "2"]
+    for s in sets:
+        cmd += ["--set", s]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    d0 = json.loads((out / "digests" / "rank-0.json").read_text())
+    d1 = json.loads((out / "digests" / "rank-1.json").read_text())
+    assert d0["step"] == d1["step"] == 2
+    assert d0["actor"] == d1["actor"] and d0["critic"] == d1["critic"]
+    assert d0["actor"] != weights_digest(load_causal_lm(str(tiny_base)))  # and they did train
+    assert (out / "lifecycle.json").is_file() and (out / "critic" / "model.safetensors").is_file()
