@@ -1,0 +1,298 @@
+"""`llm estimate-memory --measure`: one real training step, counted byte by byte.
+
+Builds the model from its config with transformers (random weights; LoRA with
+peft, NF4 QLoRA with bitsandbytes, which runs on CPU too), runs one forward,
+backward and optimizer step in the chosen setting, and counts:
+
+  params / LoRA / quantization constants: the parameter storages and the NF4 quant_state tensors
+  grads:       the .grad storages after backward
+  optimizer:   every tensor in optimizer.state after step() (shared ones once)
+  saved:       every tensor autograd saves for backward, caught with
+               torch.autograd.graph.saved_tensors_hooks and counted once per
+               storage (untyped_storage().data_ptr()), parameters excluded; then
+               split into 16-bit weight copies (a storage equal to a parameter
+               cast to 16-bit), logits (last dim = vocab; plus the logits the
+               output holds) and activations (the rest)
+  on CUDA also torch.cuda.max_memory_allocated() over the whole step.
+
+`compare(estimate, measured)` lines the rows up with the error in percent. The
+estimate for the comparison uses the device the step ran on (CPU rules differ:
+dropout masks in the input dtype, SDPA falling back to its math kernel with dropout).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from typing import Any
+
+import torch
+
+from lifecycle import memory
+from lifecycle.errors import UsageError
+
+TORCH_DTYPES = {2: torch.bfloat16, 4: torch.float32}
+LORA_MODULES = {
+    "llama": {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj", "up": "up_proj",
+              "down": "down_proj"},
+    "gpt2": {"attn": "c_attn", "proj": "c_proj", "fc": "c_fc", "fc_proj": "c_proj"},
+}
+COMPARED = ("params_bytes", "lora_params_bytes", "quant_constants_bytes", "grads_bytes", "optimizer_bytes",
+            "weight_copies_bytes", "activations_bytes", "logits_bytes")
+
+
+def _hf_config(cfg: dict, attn: str, stage: str):
+    from transformers import AutoConfig
+
+    d = dict(cfg)
+    mt = d.pop("model_type", None) or ("gpt2" if "n_embd" in d else "llama")
+    for k in ("architectures", "transformers_version", "torch_dtype", "dtype", "auto_map", "quantization_config"):
+        d.pop(k, None)
+    conf = AutoConfig.for_model(mt, **d)
+    conf._attn_implementation = attn
+    conf.use_cache = False
+    if stage == "reward":
+        conf.num_labels = 1
+        conf.pad_token_id = conf.vocab_size - 1
+    return conf
+
+
+def build(config: dict, *, stage: str, method: str, lora_r: int, dtype: str, precision: str | None, attn: str,
+          grad_ckpt: str, device: str, lora_dropout: float = 0.0, lora_targets=None, seed: int = 0):
+    """The model as the estimate assumes it: returns (model, autocast dtype or None)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    regime, style = memory.regime_of(dtype, precision)
+    if regime == "mixed" and style == "master":
+        raise UsageError("--measure runs plain PyTorch; the fp32-master-copy layout is DeepSpeed's (drop --mp-style master)")
+    half = memory.DTYPES[dtype]
+    dts = memory._dtypes(regime, style, half, method, True)
+    half_t = torch.float16 if dtype == "fp16" else torch.bfloat16
+    pdt = torch.float32 if dts["pdt"] == 4 else half_t
+    sh = memory.shape_from_config(config)
+    conf = _hf_config(config, attn, stage)
+    cls = AutoModelForSequenceClassification if stage == "reward" else AutoModelForCausalLM
+    torch.manual_seed(seed)
+    if method == "qlora":
+        from transformers import BitsAndBytesConfig
+
+        qconf = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                   bnb_4bit_compute_dtype=torch.float32 if dts["qcompute"] == 4 else half_t)
+        with tempfile.TemporaryDirectory() as tmp:
+            cls.from_config(conf, dtype=pdt).save_pretrained(tmp)
+            model = cls.from_pretrained(tmp, quantization_config=qconf, dtype=pdt, device_map=device,
+                                             attn_implementation=attn)
+    else:
+        model = cls.from_config(conf, dtype=pdt).to(device)
+    if method in ("lora", "qlora"):
+        from peft import LoraConfig, get_peft_model
+
+        roles = memory.LORA_ROLES[sh.arch]
+        if lora_targets:
+            roles = tuple(r for r in roles if r in lora_targets)
+        targets = sorted({LORA_MODULES[sh.arch][r] for r in roles})
+        lcfg = LoraConfig(r=lora_r, lora_alpha=2 * lora_r, lora_dropout=lora_dropout, target_modules=targets,
+                          task_type="SEQ_CLS" if stage == "reward" else "CAUSAL_LM")
+        model = get_peft_model(model, lcfg)
+        if dts["adt"] != 4:
+            for n, p in model.named_parameters():
+                if "lora_" in n:
+                    p.data = p.data.to(half_t)
+    if grad_ckpt == "full":
+        model.gradient_checkpointing_enable()
+    model.train()
+    return model, (half_t if dts["autocast"] else None)
+
+
+def _optimizer(name: str, params: list, device: str):
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=1e-5)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=1e-5, momentum=0.9)
+    if name == "adafactor":
+        return torch.optim.Adafactor(params, lr=1e-5)
+    import bitsandbytes as bnb
+
+    cls = bnb.optim.PagedAdamW8bit if (name == "paged_adamw8bit" and device == "cuda") else bnb.optim.AdamW8bit
+    return cls(params, lr=1e-5)
+
+
+def _storage_key(t: torch.Tensor) -> tuple:
+    st = t.untyped_storage()
+    return (st.device.type, st.data_ptr())
+
+
+def _tensors_in(obj: Any):
+    if torch.is_tensor(obj):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors_in(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _tensors_in(v)
+
+
+def measure(config: dict, *, stage: str = "sft", method: str = "full", lora_r: int = 16, dtype: str = "bf16",
+            precision: str | None = None, optimizer: str = "adamw", batch_size: int = 1, seq_len: int = 64,
+            grad_ckpt: str = "none", attn: str = "sdpa", lora_dropout: float = 0.0, lora_targets=None,
+            device: str | None = None, seed: int = 0) -> dict:
+    """Run one training step and return measured bytes per row (plus `device`, `saved` details)."""
+    if stage not in ("pretrain", "sft", "reward"):
+        raise UsageError(f"--measure runs one training step of one model; --stage {stage} is estimate-only "
+                         f"(use pretrain, sft or reward)")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    sh = memory.shape_from_config(config)
+    model, ac_dtype = build(config, stage=stage, method=method, lora_r=lora_r, dtype=dtype, precision=precision,
+                            attn=attn, grad_ckpt=grad_ckpt, device=device, lora_dropout=lora_dropout,
+                            lora_targets=lora_targets, seed=seed)
+    named = list(model.named_parameters())
+    trainable = [p for _, p in named if p.requires_grad]
+    opt = _optimizer(optimizer, trainable, device)
+    param_keys = {_storage_key(p) for _, p in named}
+    b = batch_size * (2 if stage == "reward" else 1)
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, sh.vocab - 1, (b, seq_len), generator=g).to(device)
+    if stage == "reward":
+        batch = dict(input_ids=ids)
+    else:
+        batch = dict(input_ids=ids, labels=ids)
+
+    saved: dict[tuple, torch.Tensor] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        key = _storage_key(t)
+        if key not in param_keys and key not in saved:
+            saved[key] = t
+        return t
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    ctx = torch.autocast(device, dtype=ac_dtype) if ac_dtype is not None else contextlib.nullcontext()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with ctx:
+            out = model(**batch)
+            loss = out.loss if stage != "reward" else out.logits.float().mean()
+
+    # ---- classify the saved storages ----
+    casts: dict[int, list[torch.Tensor]] = {}
+    for _, p in named:
+        if p.dtype == torch.float32 and p.numel() > 0:
+            casts.setdefault(p.numel() * 2, []).append(p)
+    rows = dict(weight_copies_bytes=0, activations_bytes=0, logits_bytes=0)
+    listing = []
+    logits_key = _storage_key(out.logits)
+    for key, t in saved.items():
+        nbytes = t.untyped_storage().nbytes()
+        kind = "logits_bytes" if key == logits_key else "activations_bytes"
+        if t.dtype in (torch.bfloat16, torch.float16) and nbytes in casts:
+            flat = torch.empty(0, dtype=t.dtype, device=t.device).set_(t.untyped_storage())
+            for p in casts[nbytes]:
+                if torch.equal(flat, p.detach().reshape(-1).to(t.dtype)):
+                    kind = "weight_copies_bytes"
+                    break
+        if kind == "activations_bytes" and t.dim() >= 1 and t.shape[-1] == sh.vocab and t.is_floating_point():
+            kind = "logits_bytes"
+        rows[kind] += nbytes
+        listing.append((nbytes, tuple(t.shape), str(t.dtype).replace("torch.", ""), kind))
+    if logits_key not in saved:  # held by the output object, not saved: alive until the step ends
+        rows["logits_bytes"] += out.logits.untyped_storage().nbytes()
+
+    loss.backward()
+    grads, seen = 0, set()
+    for p in trainable:
+        if p.grad is not None and _storage_key(p.grad) not in seen:
+            seen.add(_storage_key(p.grad))
+            grads += p.grad.untyped_storage().nbytes()
+    opt.step()
+    opt_bytes, seen = 0, set()
+    for st in opt.state.values():
+        for t in _tensors_in(st):
+            k = _storage_key(t)
+            if k not in seen:
+                seen.add(k)
+                opt_bytes += t.untyped_storage().nbytes()
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
+
+    # ---- parameters (after the step: bitsandbytes casts 4-bit layers' biases on first use) ----
+    params = lora = consts = 0
+    seen = set()
+    for n, p in named:
+        k = _storage_key(p)
+        if k in seen:
+            continue
+        seen.add(k)
+        if "lora_" in n:
+            lora += p.untyped_storage().nbytes()
+        else:
+            params += p.untyped_storage().nbytes()
+        qs = getattr(p, "quant_state", None)
+        if qs is not None:
+            parts = [qs.absmax, qs.code, qs.offset]
+            if getattr(qs, "state2", None) is not None:
+                parts += [qs.state2.absmax, qs.state2.code]
+            for t in parts:
+                if torch.is_tensor(t) and _storage_key(t) not in seen:
+                    seen.add(_storage_key(t))
+                    consts += t.untyped_storage().nbytes()
+    rows.update(params_bytes=params, lora_params_bytes=lora, quant_constants_bytes=consts, grads_bytes=grads,
+                optimizer_bytes=opt_bytes)
+    return dict(rows=rows, device=device, peak_allocated_bytes=peak, saved=sorted(listing, reverse=True),
+                n_trainable=sum(p.numel() for p in trainable), n_params=sum(p.numel() for _, p in named))
+
+
+def compare(est: "memory.Estimate", meas: dict) -> list[tuple[str, int, int, float | None]]:
+    """(row, estimated, measured, error %) for every row either side has."""
+    out = []
+    for k in COMPARED:
+        e, m = int(est.rows.get(k, 0)), int(meas["rows"].get(k, 0))
+        if e or m:
+            out.append((k, e, m, None if m == 0 else 100.0 * (e - m) / m))
+    if meas.get("peak_allocated_bytes"):
+        e = est.total_bytes - est.rows.get("overhead_bytes", 0)
+        m = meas["peak_allocated_bytes"]
+        out.append(("peak (max_memory_allocated)", e, m, 100.0 * (e - m) / m))
+    return out
+
+
+def _ram_available() -> int | None:
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def measure_cli(config: dict, name: str, *, echo=print, as_json: bool = False, **kw: Any) -> dict:
+    """Estimate for the device at hand, refuse what will not fit it, measure, print both."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    est_kw = {k: v for k, v in kw.items() if k in ("stage", "method", "lora_r", "dtype", "precision", "optimizer",
+                                                 "batch_size", "seq_len", "grad_ckpt", "attn", "lora_dropout",
+                                                 "lora_targets")}
+    est = memory.estimate(config, device=device, name=name, **est_kw)
+    have = torch.cuda.mem_get_info()[0] if device == "cuda" else _ram_available()
+    if have and est.total_bytes > 0.8 * have:
+        raise UsageError(f"--measure would need about {memory.fmt_bytes(est.total_bytes)} on this {device} but only "
+                         f"{memory.fmt_bytes(have)} is free; measure a smaller model (a tiny config.json), a shorter "
+                         f"--seq-len or a smaller --batch-size")
+    meas = measure(config, device=device, **est_kw)
+    rows = compare(est, meas)
+    if as_json:
+        import json
+
+        echo(json.dumps({"estimate": est.to_dict(), "measured": meas["rows"], "device": device,
+                         "peak_allocated_bytes": meas["peak_allocated_bytes"],
+                         "comparison": [dict(row=r, estimated=e, measured=m, error_pct=err) for r, e, m, err in rows]},
+                        indent=2))
+        return meas
+    st = est.settings
+    echo(f"{name}: one {st['stage']} step on {device}, {st['method']}, {est.regime}, {st['optimizer']}, "
+         f"batch {st['batch_size']} x seq {st['seq_len']}, {st['attn']}, grad ckpt {st['grad_ckpt']}")
+    w = max(len(r[0]) for r in rows) + 2
+    echo(f"{'row':<{w}}{'estimated':>12}{'measured':>12}{'error':>9}")
+    for r, e, m, err in rows:
+        echo(f"{r:<{w}}{memory.fmt_bytes(e):>12}{memory.fmt_bytes(m):>12}{'' if err is None else f'{err:+.1f}%':>9}")
+    if device == "cpu":
+        echo("(CPU: rows counted exactly from tensors; on CUDA the peak from max_memory_allocated is compared too)")
+    return meas
