@@ -15,7 +15,7 @@ import typer
 from lifecycle.config import PretrainConfig, build_config, describe, dump_yaml, parse_set
 from lifecycle.config import RewardConfig, SFTConfig
 from lifecycle.config import PPOConfig
-from lifecycle.errors import Interrupted, UsageError
+from lifecycle.errors import Interrupted, TrainingDiverged, UsageError
 
 app = typer.Typer(
     help="Train a language model through its whole life: pretrain, sft, reward, ppo; estimate memory first.",
@@ -222,6 +222,9 @@ def main() -> None:
     except UsageError as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(2)
+    except TrainingDiverged as e:
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(3)
     except Interrupted as e:
         typer.echo(f"stopped: {e}", err=True)
         sys.exit(130)

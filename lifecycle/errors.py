@@ -16,3 +16,10 @@ class UsageError(Exception):
 
 class Interrupted(Exception):
     """Raised inside a training loop after Ctrl-C/SIGTERM once a checkpoint is saved."""
+
+
+class TrainingDiverged(Exception):
+    """A non-finite loss or gradient norm: the run stops, keeping its last good checkpoint (exit 3)."""
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(str(message).split()))

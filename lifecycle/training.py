@@ -158,6 +158,38 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def check_disk(out: str | Path, n_params: int, keep: int, bytes_per_param: int = 12) -> None:
+    """Refuse to start when the disk cannot hold `keep` + 1 checkpoints plus the artifact.
+
+    A checkpoint holds fp32 weights and two fp32 AdamW moments (12 bytes per
+    parameter); one more is written before the oldest is deleted.
+    """
+    need = n_params * bytes_per_param * (keep + 1) + n_params * 4
+    probe = Path(out).resolve()
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free < need:
+        raise UsageError(
+            f"not enough disk space at {probe}: checkpoints and the artifact need ~{need / 2**30:.2f} GiB, "
+            f"{free / 2**30:.2f} GiB free; free space, lower keep_checkpoints, or pick another --out"
+        )
+
+
+def check_finite(step: int, loss: float, grad_norm: float, out: str | Path) -> None:
+    """Stop on a non-finite loss or gradient norm, naming the step and the last good checkpoint."""
+    if math.isfinite(loss) and math.isfinite(grad_norm):
+        return
+    from lifecycle.errors import TrainingDiverged
+
+    last = latest_checkpoint(out)
+    raise TrainingDiverged(
+        f"training diverged at step {step}: loss {loss}, gradient norm {grad_norm}; the last good checkpoint is "
+        f"{last or 'none (no checkpoint was written yet)'}; usual cures: lower lr, bf16 instead of fp16, "
+        f"grad_clip 1.0, more warmup_steps; then continue with --resume"
+    )
+
+
 # ---------------------------------------------------------------------------
 # Graceful stop on Ctrl-C / SIGTERM
 # ---------------------------------------------------------------------------

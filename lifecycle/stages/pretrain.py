@@ -179,6 +179,8 @@ def run(cfg: PretrainConfig) -> Path:
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     _, n_params = count_params(model)
+    if acc.is_main_process:
+        training.check_disk(out, n_params, cfg.keep_checkpoints)
     say(f"model: {cfg.model} ({mconf.model_type}), {n_params / 1e6:.2f}M parameters, vocab {mconf.vocab_size}")
     optimizer = torch.optim.AdamW(
         training.param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8,
@@ -228,9 +230,10 @@ def run(cfg: PretrainConfig) -> Path:
     if ck is not None:
         state = training.load_checkpoint(acc, ck)
         start, tokens_seen, eval_initial = state["step"], state["tokens_seen"], state["eval_loss_initial"]
+        train_time = state.get("train_seconds", 0.0)
         say(f"resumed from {ck} at step {start}")
     else:
-        start, tokens_seen = 0, 0
+        start, tokens_seen, train_time = 0, 0, 0.0
         eval_initial = evaluate()
         say(f"step 0: held-out loss {eval_initial:.4f} (ppl {math.exp(eval_initial):.1f})")
     log = training.MetricLog(out / "log.jsonl", acc, truncate_after_step=start if ck is not None else None)
@@ -249,7 +252,6 @@ def run(cfg: PretrainConfig) -> Path:
     meter = training.Throughput(start, total)
     eval_loss = eval_initial
     t_start = time.perf_counter()
-    train_time = 0.0
     step = start
     with training.GracefulStop() as stop:
         while step < total:
@@ -271,12 +273,7 @@ def run(cfg: PretrainConfig) -> Path:
                 loss_sum += loss.detach().float().item() / cfg.grad_accum
             grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
             grad_norm = float(grad_norm)
-            if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
-                last = training.latest_checkpoint(out)
-                raise UsageError(
-                    f"training diverged at step {step + 1}: loss {loss_sum}, grad norm {grad_norm}; "
-                    f"last good checkpoint: {last or 'none'}; try a lower lr, bf16 instead of fp16, or grad_clip"
-                )
+            training.check_finite(step + 1, loss_sum, grad_norm, out)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -297,7 +294,7 @@ def run(cfg: PretrainConfig) -> Path:
                 sample = sample_text() if acc.is_main_process else ""
                 say(f"step {step}: held-out loss {eval_loss:.4f} (ppl {math.exp(eval_loss):.2f}) | sample: {sample!r}")
                 log.log(step, eval_loss=eval_loss, eval_ppl=math.exp(eval_loss), sample=sample)
-            ck_state = {"tokens_seen": tokens_seen, "eval_loss_initial": eval_initial}
+            ck_state = {"tokens_seen": tokens_seen, "eval_loss_initial": eval_initial, "train_seconds": train_time}
             if stop.requested:
                 path = training.save_checkpoint(acc, out, step, ck_state, cfg.keep_checkpoints)
                 raise Interrupted(f"{stop.requested} at step {step}: checkpoint saved to {path}; continue with --resume")
@@ -305,6 +302,8 @@ def run(cfg: PretrainConfig) -> Path:
                 training.save_checkpoint(acc, out, step, ck_state, cfg.keep_checkpoints)
 
     # -- 7. the artifact -------------------------------------------------------
+    if step == start:  # resumed from the final checkpoint: nothing left to train, measure afresh
+        eval_loss = evaluate()
     elapsed = time.perf_counter() - t_start
     acc_final = completion_accuracy() if acc.is_main_process else None
     metrics = {
@@ -313,15 +312,17 @@ def run(cfg: PretrainConfig) -> Path:
         "eval_ppl": math.exp(eval_loss),
         "eval_loss_drop": eval_initial - eval_loss,
         "tokens_seen": tokens_seen,
-        "tokens_per_second": (tokens_per_step * (total - start)) / max(train_time, 1e-9),
-        "train_seconds": elapsed,
+        "tokens_per_second": tokens_seen / max(train_time, 1e-9),
+        "train_seconds": train_time,
+        "wall_seconds_this_session": elapsed,
         "steps": total,
         "parameters": n_params,
     }
     if acc_final is not None:
         metrics["heldout_completion_accuracy"] = acc_final
     # A final checkpoint makes `--resume` on a finished run a no-op rather than an error.
-    training.save_checkpoint(acc, out, total, {"tokens_seen": tokens_seen, "eval_loss_initial": eval_initial}, cfg.keep_checkpoints)
+    training.save_checkpoint(acc, out, total, {"tokens_seen": tokens_seen, "eval_loss_initial": eval_initial,
+                                               "train_seconds": train_time}, cfg.keep_checkpoints)
     if acc.is_main_process:
         m = acc.unwrap_model(model)
         m.generation_config.eos_token_id = tokenizer.eos_token_id
