@@ -165,10 +165,34 @@ def ppo(
     _run_stage(PPOConfig, "ppo", config, ov, print_config)
 
 
-@app.command("estimate-memory", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def estimate_memory(ctx: typer.Context) -> None:
-    """Predict training memory: params, grads, optimizer state, activations."""
-    _not_yet("estimate-memory")
+@app.command("estimate-memory")
+def estimate_memory(
+    model: str = typer.Option(..., "--model", help="An artifact directory, a config.json, or a preset: llama-2-7b, llama-2-13b, llama-2-70b, llama-3-8b, mistral-7b, qwen2.5-0.5b, qwen2.5-7b, gpt2, gpt2-medium, gpt2-large, gpt2-xl, or the project's own (llama-tiny, ...)."),
+    stage: str = typer.Option("sft", "--stage", help="pretrain | sft | reward | ppo | inference."),
+    method: str = typer.Option("full", "--method", help="full | lora | qlora (NF4 with double quantization)."),
+    lora_r: int = typer.Option(16, "--lora-r", help="LoRA rank (adapters on every linear layer of the blocks)."),
+    dtype: str = typer.Option("bf16", "--dtype", help="bf16 | fp16 | fp32."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="mixed (default for 16-bit: fp32 master weights, 16-bit compute) | pure (16-bit weights and optimizer states)."),
+    mp_style: Optional[str] = typer.Option(None, "--mp-style", help="How mixed precision keeps weights: autocast (fp32 weights and grads + 16-bit copies; default without ZeRO) | master (16-bit weights and grads + fp32 master copy, as DeepSpeed; default with ZeRO)."),
+    optimizer: str = typer.Option("adamw", "--optimizer", help="adamw | adamw8bit | paged_adamw8bit | sgd (momentum) | adafactor."),
+    batch_size: int = typer.Option(1, "--batch-size", help="Micro-batch per GPU (sequences; reward: pairs)."),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Tokens per sequence (default: 2048 or the model's context if shorter)."),
+    grad_ckpt: str = typer.Option("none", "--grad-ckpt", help="none | full (checkpoint every decoder layer)."),
+    attn: str = typer.Option("sdpa", "--attn", help="sdpa (flash / memory-efficient: no s x s matrices kept) | eager."),
+    zero: int = typer.Option(0, "--zero", help="DeepSpeed ZeRO stage: 1 shards optimizer state, 2 also gradients, 3 also weights, over --gpus."),
+    gpus: int = typer.Option(1, "--gpus", help="Data-parallel GPUs."),
+    gpu_memory: Optional[str] = typer.Option(None, "--gpu-memory", help="Memory per GPU (80GiB, 24GB, ...): adds a verdict and the largest micro-batch that fits."),
+    device: str = typer.Option("cuda", "--device", help="cuda | cpu: whose kernel rules to apply (dropout masks, SDPA fallbacks) and whether to add the CUDA context."),
+    as_json: bool = typer.Option(False, "--json", help="Print the estimate as JSON."),
+    measure: bool = typer.Option(False, "--measure", help="Also build the model, run one real training step on this machine and print estimated vs measured per row."),
+) -> None:
+    """Predict per-GPU training memory: weights, grads, optimizer state, activations, logits, overhead."""
+    from lifecycle.memory import cli_estimate
+
+    cli_estimate(model=model, stage=stage, method=method, lora_r=lora_r, dtype=dtype, precision=precision,
+                 mp_style=mp_style, optimizer=optimizer, batch_size=batch_size, seq_len=seq_len, grad_ckpt=grad_ckpt,
+                 attn=attn, zero=zero, gpus=gpus, gpu_memory=gpu_memory, device=device, as_json=as_json,
+                 measure=measure, echo=typer.echo)
 
 
 @app.command()
@@ -208,11 +232,12 @@ def run(
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Cap every stage at N optimizer steps (quick smoke runs)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for every stage."),
     force: bool = typer.Option(False, "--force", help="Re-run stages even if their output already exists."),
+    from_manifest: Optional[str] = typer.Option(None, "--from-manifest", help="Repeat a finished run (an artifact or a run directory) from its recorded configs and seeds."),
 ) -> None:
     """Run the lifecycle stages of a recipe in order, each output handed to the next."""
     from lifecycle.runner import run_lifecycle
 
-    run_lifecycle(recipe, out, max_steps=max_steps, seed=seed, force=force)
+    run_lifecycle(recipe, out, max_steps=max_steps, seed=seed, force=force, from_manifest=from_manifest)
 
 
 # ---------------------------------------------------------------------------

@@ -66,7 +66,39 @@ def load_recipe(recipe: str | None) -> list[tuple[str, str | None, dict]]:
     return plan
 
 
-def run_lifecycle(recipe: str | None, out: str, *, max_steps: int | None = None, seed: int | None = None, force: bool = False) -> None:
+def plan_from_manifest(src: str, out: Path) -> list[tuple[str, str | None, dict]]:
+    """Repeat a finished run from what its manifests recorded: each stage's resolved config and seed.
+
+    `src` is one artifact (its lifecycle.json) or a run directory holding OUT/<stage>
+    artifacts. Inputs that pointed at a stage being repeated are rewired to the new
+    run directory; other inputs keep the recorded path.
+    """
+    path = Path(src)
+    if (path / artifacts.MANIFEST).is_file():
+        found = [(artifacts.read_manifest(path)["stage"], path)]
+    elif path.is_dir():
+        found = [(s, path / s) for s in DEFAULT_STAGES if (path / s / artifacts.MANIFEST).is_file()]
+    else:
+        found = []
+    if not found:
+        raise UsageError(f"--from-manifest {src}: no {artifacts.MANIFEST} there or in its stage subdirectories; pass an artifact or a run directory written by `llm run`")
+    repeated = {stage for stage, _ in found}
+    plan = []
+    for stage, d in found:
+        m = artifacts.read_manifest(d)
+        if stage not in STAGE_CONFIGS:
+            raise UsageError(f"{d}: stage {stage!r} is not available in this version")
+        known = {f for f in STAGE_CONFIGS[stage].__dataclass_fields__}
+        options = {k: v for k, v in (m.get("config") or {}).items() if k in known and k not in ("out", "resume")}
+        for field, src_stage in INPUTS.get(stage, {}).items():
+            if src_stage in repeated:
+                options[field] = str(out / src_stage)
+        plan.append((stage, None, options))
+    return plan
+
+
+def run_lifecycle(recipe: str | None, out: str, *, max_steps: int | None = None, seed: int | None = None,
+                  force: bool = False, from_manifest: str | None = None) -> None:
     import importlib
 
     from lifecycle.training import latest_checkpoint
@@ -74,7 +106,9 @@ def run_lifecycle(recipe: str | None, out: str, *, max_steps: int | None = None,
     root = Path(out)
     if root.exists() and not root.is_dir():
         raise UsageError(f"--out {out} is a file; give a directory path")
-    plan = load_recipe(recipe)
+    if from_manifest and recipe:
+        raise UsageError("give a recipe or --from-manifest, not both")
+    plan = plan_from_manifest(from_manifest, root) if from_manifest else load_recipe(recipe)
     # Build and validate every stage's config before running any stage.
     configs = []
     for name, cfg_path, inline in plan:

@@ -145,3 +145,17 @@ def test_same_seed_same_metrics(tmp_path):
     assert ma["metrics"]["eval_loss"] == mb["metrics"]["eval_loss"]
     assert ma["seed"] == 0 and ma["versions"]["torch"] and ma["config"]["steps"] == 4
     assert max_diff(weights(tmp_path / "a"), weights(tmp_path / "b")) == 0.0
+
+
+def test_run_from_manifest_repeats_the_metrics(tmp_path):
+    from lifecycle.artifacts import read_manifest
+    from lifecycle.runner import run_lifecycle
+    from lifecycle.stages import pretrain
+
+    first = tmp_path / "first" / "pretrain"
+    pretrain.run(cfg(first, steps=4, seed=3))
+    run_lifecycle(None, str(tmp_path / "again"), from_manifest=str(tmp_path / "first"))
+    a, b = read_manifest(first), read_manifest(tmp_path / "again" / "pretrain")
+    assert b["seed"] == 3 and b["config"]["steps"] == 4
+    assert a["metrics"]["eval_loss"] == b["metrics"]["eval_loss"]
+    assert (tmp_path / "again" / "report.md").is_file()
