@@ -156,6 +156,19 @@ PUBLISHED_PARAMS = {
 }
 
 
+def _literal(node: ast.AST) -> Any:
+    """literal_eval that also accepts dict(key=literal, ...) calls: nothing is executed."""
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "dict" and not node.args:
+        if any(k.arg is None for k in node.keywords):
+            raise ValueError("dict(**...)")
+        return {k.arg: _literal(k.value) for k in node.keywords}
+    if isinstance(node, ast.Dict):
+        if any(k is None for k in node.keys):
+            raise ValueError("{**...}")
+        return {_literal(k): _literal(v) for k, v in zip(node.keys, node.values)}
+    return ast.literal_eval(node)
+
+
 def _project_presets() -> dict[str, dict]:
     """The project's own presets: the literal `PRESETS = {...}` dict in lifecycle/modeling.py.
 
@@ -171,12 +184,27 @@ def _project_presets() -> dict[str, dict]:
         targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
         if any(isinstance(t, ast.Name) and t.id == "PRESETS" for t in targets) and node.value is not None:
             try:
-                value = ast.literal_eval(node.value)
+                value = _literal(node.value)
             except ValueError:
                 return {}
             if isinstance(value, dict):
                 return {str(k).lower(): dict(v) for k, v in value.items() if isinstance(v, dict)}
     return {}
+
+
+PROJECT_VOCAB = 512  # the project's presets take their vocabulary from the tokenizer; PretrainConfig.vocab_size
+
+
+def _from_project_preset(p: dict) -> dict:
+    """modeling.py's preset schema (arch, hidden, layers, heads, kv_heads, mlp, max_pos, tied) as a config dict."""
+    vocab = int(p.get("vocab", p.get("vocab_size", PROJECT_VOCAB)))
+    if p.get("arch", "llama") == "gpt2":
+        return dict(model_type="gpt2", n_embd=p["hidden"], n_layer=p["layers"], n_head=p["heads"],
+                    n_inner=p.get("mlp"), n_positions=p.get("max_pos", 1024), vocab_size=vocab,
+                    tie_word_embeddings=p.get("tied", True))
+    return dict(model_type="llama", hidden_size=p["hidden"], intermediate_size=p["mlp"], num_hidden_layers=p["layers"],
+                num_attention_heads=p["heads"], num_key_value_heads=p.get("kv_heads", p["heads"]),
+                max_position_embeddings=p.get("max_pos", 2048), vocab_size=vocab, tie_word_embeddings=p.get("tied", False))
 
 
 def preset_names() -> list[str]:
@@ -205,7 +233,10 @@ def load_model_config(spec: str) -> tuple[dict, str]:
     if key in PRESETS:
         return dict(PRESETS[key]), key
     if key in project:
-        return dict(project[key]), key
+        try:
+            return _from_project_preset(project[key]), f"{key} (vocab {project[key].get('vocab', PROJECT_VOCAB)})"
+        except KeyError as e:
+            raise UsageError(f"preset {key} in lifecycle/modeling.py lacks {e}; pass a config.json instead") from None
     if spec.endswith(".json") or "/" in spec or spec.startswith("."):
         raise UsageError(f"--model {spec} does not exist; pass an artifact directory, a config.json, or a preset "
                          f"({', '.join(preset_names())})")
@@ -955,13 +986,16 @@ def regime_of(dtype: str, precision: str | None, zero: int = 0, mp_style: str | 
     return "mixed", style
 
 
-def _regime_label(regime: str, style: str, dtype: str) -> str:
+def _regime_label(regime: str, style: str, dtype: str, method: str = "full") -> str:
+    adapters = method != "full"
     if regime == "fp32":
         return "fp32"
     if regime == "pure":
-        return f"pure {dtype} (16-bit weights and optimizer states, no master copy)"
+        return (f"pure {dtype} (16-bit frozen base, fp32 adapters as peft keeps them)" if adapters else
+                f"pure {dtype} (16-bit weights and optimizer states, no master copy)")
     if style == "autocast":
-        return f"mixed {dtype} (autocast: fp32 weights and grads, 16-bit compute copies)"
+        return (f"mixed {dtype} (autocast; frozen base in {dtype}, fp32 adapters)" if adapters else
+                f"mixed {dtype} (autocast: fp32 weights and grads, 16-bit compute copies)")
     return f"mixed {dtype} (16-bit weights and grads + fp32 master copy, as DeepSpeed/Megatron)"
 
 
@@ -1290,7 +1324,8 @@ def _estimate(sh: Shape, *, stage: str, method: str, lora_r: int, dtype: str, pr
         if grad_ckpt == "none":
             notes["recompute_bytes"] = ""
         if regime == "mixed" and style == "autocast":
-            notes["params_bytes"] = "fp32 weights (they are the master copy under autocast)"
+            notes["params_bytes"] = ("fp32 weights (they are the master copy under autocast)" if method == "full" else
+                                     f"frozen base weights in {dtype}")
         if method == "qlora":
             notes["params_bytes"] = "NF4-packed linear weights + unquantized embeddings, norms, head"
         if optimizer == "paged_adamw8bit":
@@ -1308,7 +1343,7 @@ def _estimate(sh: Shape, *, stage: str, method: str, lora_r: int, dtype: str, pr
     for k in list(notes):
         if k not in rows:
             notes.pop(k)
-    return Estimate(model=name, settings=settings, regime=_regime_label(regime, style, dtype), n_params=n_params,
+    return Estimate(model=name, settings=settings, regime=_regime_label(regime, style, dtype, method), n_params=n_params,
                     n_trainable=n_train, rows=rows, notes=notes, total_bytes=int(total), peak_phase=phase,
                     details=details, roles=roles, warnings=warnings)
 
@@ -1394,4 +1429,37 @@ def check_fits(model_config: dict, *, stage: str = "sft", method: str = "full", 
         if not force:
             raise UsageError(msg + "; pass --force to try anyway")
         echo(f"warning: {msg}; continuing because of --force")
+    return est
+
+
+# ---------------------------------------------------------------------------
+# 8. `llm estimate-memory`
+# ---------------------------------------------------------------------------
+def cli_estimate(*, model: str, stage: str = "sft", method: str = "full", lora_r: int = 16, dtype: str = "bf16",
+                 precision: str | None = None, mp_style: str | None = None, optimizer: str = "adamw",
+                 batch_size: int = 1, seq_len: int | None = None, grad_ckpt: str = "none", attn: str = "sdpa",
+                 zero: int = 0, gpus: int = 1, gpu_memory: str | None = None, device: str = "cuda",
+                 as_json: bool = False, measure: bool = False, echo=print) -> Estimate:
+    """The command: read the model, estimate, print a table (or JSON); with measure, run one step and compare."""
+    config, name = load_model_config(model)
+    sh = shape_from_config(config)
+    if seq_len is None:
+        seq_len = min(2048, sh.max_positions)
+    limit = parse_size(gpu_memory) if gpu_memory is not None else None
+    kw = dict(stage=stage, method=method, lora_r=lora_r, dtype=dtype, precision=precision, optimizer=optimizer,
+              batch_size=batch_size, seq_len=seq_len, grad_ckpt=grad_ckpt, attn=attn)
+    if measure:
+        if zero or gpus != 1 or mp_style == "master":
+            raise UsageError("--measure runs one step on this machine's single device; drop --zero/--gpus/--mp-style master")
+        if stage not in ("pretrain", "sft", "reward"):
+            raise UsageError(f"--measure runs one training step of one model; --stage {stage} is estimate-only "
+                             f"(use pretrain, sft or reward)")
+        _validate(stage, method, dtype, precision, optimizer, grad_ckpt, attn, zero, gpus, batch_size, seq_len, lora_r,
+                  device, mp_style)
+        from lifecycle import memory_measure  # torch from here on
+
+        memory_measure.measure_cli(config, name, echo=echo, as_json=as_json, **kw)
+        return None  # type: ignore[return-value]
+    est = estimate(config, zero=zero, gpus=gpus, device=device, mp_style=mp_style, gpu_memory=limit, name=name, **kw)
+    echo(json.dumps(est.to_dict(), indent=2) if as_json else est.table())
     return est
