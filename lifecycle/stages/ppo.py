@@ -201,9 +201,10 @@ def model_inputs(prompt_ids, prompt_mask, response_ids, response_mask):
 def response_logits(model, r: Rollout):
     """Logits that predict each response token: (B, T, V), from positions P-1 .. P+T-2."""
     ids, mask, pos = model_inputs(r.prompt_ids, r.prompt_mask, r.response_ids, r.response_mask)
-    P, T = r.prompt_ids.shape[1], r.response_ids.shape[1]
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False)
-    return out.logits[:, P - 1 : P + T - 1]
+    T = r.response_ids.shape[1]
+    # Only the last T+1 positions go through the output layer (the prompt's own predictions are never used).
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False, logits_to_keep=T + 1)
+    return out.logits[:, :-1]
 
 
 # ---------------------------------------------------------------------------
@@ -324,26 +325,69 @@ def _param_count(path: str, head: str) -> tuple[int, Any]:
 
 
 def explain(cfg: PPOConfig, inputs: dict, processes: int) -> str:
-    """The batch hierarchy of one PPO iteration and a parameter-count memory estimate."""
+    """The batch hierarchy of one PPO iteration and the memory estimate of the four roles."""
     W = processes
     G, mb, micro = cfg.prompts_per_rollout, cfg.minibatch_size, cfg.micro_batch_size
     local, mb_local = G // W, mb // W
-    micros = math.ceil(mb_local / min(micro, mb_local)) if mb_local else 0
+    micro = min(micro, mb_local) or 1
     n_mb = G // mb
     steps = cfg.total_steps
+    seq = prompt_tokens(cfg, inputs) + cfg.max_new_tokens
     lines = [
         "PPO batch hierarchy (one iteration):",
         f"  rollout batch     {G} prompts ({local} per process x {W} process{'es' if W > 1 else ''}), 1 response each "
-        f"of at most {cfg.max_new_tokens} tokens -> {G} episodes",
+        f"of at most {cfg.max_new_tokens} tokens -> {G} episodes (sequences up to {seq} tokens)",
         f"  PPO epochs        {cfg.ppo_epochs} passes over the batch",
         f"  minibatches       {n_mb} per epoch of {mb} episodes ({mb_local} per process)",
-        f"  micro-batches     {micros} per minibatch per process, of up to {min(micro, mb_local)} episodes (gradient accumulation)",
+        f"  micro-batches     {-(-mb_local // micro)} per minibatch per process, of up to {micro} episodes (gradient accumulation)",
         f"  optimizer steps   {cfg.ppo_epochs * n_mb} per iteration for the actor and for the critic "
         f"(fewer if approx KL stops an epoch early)",
         f"  run               {steps} iterations -> {steps * G:,} episodes, {steps * cfg.ppo_epochs * n_mb:,} optimizer steps",
+        "",
     ]
+    est = memory_estimate(cfg, inputs, W, micro, seq)
+    lines.append(est if isinstance(est, str) else est.table())
+    return "\n".join(lines)
+
+
+def prompt_tokens(cfg: PPOConfig, inputs: dict, sample: int = 2000) -> int:
+    """Longest rendered prompt in tokens (over the first `sample` training and held-out prompts)."""
+    from lifecycle.generate import render_prompts
+    from lifecycle.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(inputs["policy"]["path"])
+    texts = render_prompts(tok, inputs["train"][:sample] + inputs["eval"][:sample])
+    return max(len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"])
+
+
+def memory_estimate(cfg: PPOConfig, inputs: dict, processes: int, micro: int, seq: int, check: bool = False):
+    """lifecycle.memory's estimate for stage "ppo" (an Estimate), or parameter-count figures (a str) when the
+    estimator cannot model this architecture. With check=True it refuses a run that does not fit (unless --force)."""
+    from transformers import AutoConfig
+
+    dtype = {"bf16": "bf16", "fp16": "fp16"}.get(cfg.mixed_precision, "fp32")
+    method = "qlora" if cfg.qlora else ("lora" if cfg.lora else "full")
+    conf = AutoConfig.from_pretrained(inputs["policy"]["path"]).to_dict()
+    try:
+        from lifecycle import memory
+
+        kw = dict(stage="ppo", method=method, batch_size=micro, seq_len=seq, gpus=processes, lora_r=cfg.lora_r, dtype=dtype)
+        if check:
+            return memory.check_fits(conf, force=cfg.force, **kw)
+        import torch
+
+        return memory.estimate(conf, device="cuda" if torch.cuda.is_available() else "cpu", **kw)
+    except (ImportError, AttributeError):
+        pass  # no estimator in this version
+    except UsageError:
+        if check:
+            raise
+    return _param_count_memory(cfg, inputs, micro, seq)
+
+
+def _param_count_memory(cfg: PPOConfig, inputs: dict, micro: int, seq: int) -> str:
     n_pol, pconf = _param_count(inputs["policy"]["path"], "causal")
-    n_rm, rconf = _param_count(inputs["reward"]["path"], "reward")
+    n_rm, _ = _param_count(inputs["reward"]["path"], "reward")
     crit_path = {"reward": inputs["reward"]["path"], "policy": inputs["policy"]["path"]}.get(cfg.critic, (inputs["critic"] or {}).get("path"))
     n_cr, _ = _param_count(crit_path, "reward")
     fp32 = 4
@@ -353,25 +397,20 @@ def explain(cfg: PPOConfig, inputs: dict, processes: int) -> str:
     lora_params = 2 * r * hidden * 7 * layers if cfg.use_peft else 0  # rough: ~7 adapted matrices per layer
     train_actor = lora_params if cfg.use_peft else n_pol
     train_critic = lora_params if (cfg.use_peft and cfg.critic_lora) else n_cr
-    # weights + gradients (fp32) + Adam moments (2 x fp32) for what trains
-    roles = {
-        "actor": n_pol * base_b + train_actor * (fp32 * 3 + (fp32 if cfg.use_peft else 0)),
+    roles = {  # weights + gradients + two Adam moments (fp32) for what trains
+        "actor": n_pol * base_b + train_actor * fp32 * 3 + (train_actor * fp32 if cfg.use_peft else 0),
         "reference": 0 if cfg.use_peft else n_pol * fp32,
         "reward": n_rm * (base_b if cfg.qlora else fp32),
         "critic": n_cr * (base_b if (cfg.qlora and cfg.critic_lora) else fp32) + train_critic * fp32 * 3,
     }
     vocab = getattr(pconf, "vocab_size", 0)
-    seq = 64 + cfg.max_new_tokens  # a rough prompt length + the response
-    mb_rows = min(micro, mb_local) or 1
-    act = mb_rows * seq * (hidden * layers * 16 + vocab * 2) * fp32  # rough: ~16 saved values per hidden unit per layer, logits + softmax
+    act = micro * seq * (hidden * layers * 16 + vocab * 2) * fp32  # rough: ~16 saved values per hidden unit per layer + logits
     mib = lambda b: b / 2**20  # noqa: E731
-    lines.append("Memory per process (parameter-count estimate; fp32 weights" + (", 4-bit base" if cfg.qlora else "") + "):")
-    for k, v in roles.items():
-        lines.append(f"  {k:<10} {mib(v):10.1f} MiB")
-    lines.append(f"  {'activations':<10} {mib(act):10.1f} MiB  (one micro-batch of {mb_rows} x ~{seq} tokens, rough)")
-    lines.append(f"  {'total':<10} {mib(sum(roles.values()) + act):10.1f} MiB")
-    lines.append(f"  parameters: policy {n_pol:,}, reward {n_rm:,}, critic {n_cr:,}"
-                 + (f"; LoRA r={r}: ~{lora_params:,} trainable per adapter" if cfg.use_peft else ""))
+    lines = ["Memory per process (parameter-count estimate; fp32" + (", 4-bit base" if cfg.qlora else "") + "):"]
+    lines += [f"  {k:<11} {mib(v):10.1f} MiB" for k, v in roles.items()]
+    lines.append(f"  {'activations':<11} {mib(act):10.1f} MiB  (one micro-batch of {micro} x {seq} tokens, rough)")
+    lines.append(f"  {'total':<11} {mib(sum(roles.values()) + act):10.1f} MiB")
+    lines.append(f"  parameters: policy {n_pol:,}, reward {n_rm:,}, critic {n_cr:,}")
     return "\n".join(lines)
 
 
@@ -417,6 +456,9 @@ def run(cfg: PPOConfig, score_fn: ScoreFn | None = None) -> Path | None:
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
     say(f"prompts: {inputs['about']}")
+    est = memory_estimate(cfg, inputs, W, micro, prompt_tokens(cfg, inputs) + cfg.max_new_tokens, check=True)
+    if not isinstance(est, str):
+        say(f"memory estimate: {est.total_bytes / 2**20:,.1f} MiB per process at its peak ({est.peak_phase}); --explain shows the rows")
     set_seed(cfg.seed)  # identical initialisation on every process
     roles = load_roles(cfg, inputs, say)
     actor, ref, reward, critic = roles["actor"], roles["ref"], roles["reward"], roles["critic"]
