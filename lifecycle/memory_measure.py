@@ -61,8 +61,15 @@ def _hf_config(cfg: dict, attn: str, stage: str):
 def build(config: dict, *, stage: str, method: str, lora_r: int, dtype: str, precision: str | None, attn: str,
           grad_ckpt: str, device: str, lora_dropout: float = 0.0, lora_targets=None, seed: int = 0):
     """The model as the estimate assumes it: returns (model, autocast dtype or None)."""
+    import warnings
+
+    import transformers
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+    warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")  # peft on GPT-2's Conv1D: handled, not a problem
     regime, style = memory.regime_of(dtype, precision)
     if regime == "mixed" and style == "master":
         raise UsageError("--measure runs plain PyTorch; the fp32-master-copy layout is DeepSpeed's (drop --mp-style master)")
