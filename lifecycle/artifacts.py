@@ -143,6 +143,33 @@ def looks_like_hub_id(s: str) -> bool:
     )
 
 
+def check_safetensors(path: Path) -> str | None:
+    """Why a .safetensors file is unreadable (truncated, corrupted header), or None if its header is sound.
+
+    Reads only the header: an 8-byte little-endian length, a JSON table of
+    tensors with their byte ranges, then the data, which must be long enough.
+    """
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                return "shorter than a safetensors header"
+            n = int.from_bytes(raw, "little")
+            if n <= 0 or 8 + n > size or n > 100_000_000:
+                return "its header length is impossible (truncated or not a safetensors file)"
+            header = json.loads(f.read(n).decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return "its header is not valid JSON (corrupted)"
+    if not isinstance(header, dict):
+        return "its header is not a table of tensors"
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)
+               and isinstance(v.get("data_offsets"), list) and len(v["data_offsets"]) == 2), default=0)
+    if 8 + n + end > size:
+        return f"it is truncated ({size} bytes, the header promises {8 + n + end})"
+    return None
+
+
 def check_artifact(path: str, expect: str, flag: str) -> dict:
     """Check that `path` is a usable artifact of kind `expect` before loading any weights.
 
@@ -175,6 +202,10 @@ def check_artifact(path: str, expect: str, flag: str) -> dict:
             f"{flag} {path} has no weights (expected model.safetensors; found: {', '.join(present[:8])}); "
             f"re-run `{MAKES[expect]}`"
         )
+    for w in sorted(p.glob("*.safetensors")):
+        why = check_safetensors(w)
+        if why:
+            raise UsageError(f"{flag} {path}: {w.name} cannot be read: {why}; re-run the stage that wrote it")
     kind = (manifest or {}).get("kind") or _kind_from_config(p)
     if kind != expect:
         stage = (manifest or {}).get("stage")
