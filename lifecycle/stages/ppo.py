@@ -31,6 +31,7 @@ requests) are reduced across processes so that all of them take the same path.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -235,16 +236,237 @@ def _value_model_class():
     return ValueModel
 
 
-def response_values(critic, r: Rollout):
-    """V(s_t) for each response position: (B, T), read at positions P-1 .. P+T-2."""
-    ids, mask, pos = model_inputs(r.prompt_ids, r.prompt_mask, r.response_ids, r.response_mask)
+def _values_at_responses(values, r: Rollout):
+    """(B, P+T) per-position values -> (B, T): V(s_t) is read where a_t is predicted, positions P-1 .. P+T-2."""
     P, T = r.prompt_ids.shape[1], r.response_ids.shape[1]
-    return critic(ids, mask, pos)[:, P - 1 : P + T - 1]
+    return values[:, P - 1 : P + T - 1]
 
 
 # ---------------------------------------------------------------------------
-# 0d. Loading the four roles
+# 0d. The four roles behind one interface
 # ---------------------------------------------------------------------------
+class Roles:
+    """Actor, reference, reward model and critic as separate models (the reference is the actor with its
+    adapter disabled under --lora/--qlora). The loop only calls these methods; `SharedRoles` implements
+    them on one base model with three adapters."""
+
+    def __init__(self, actor, ref, reward, critic, *, tok, reward_tok, same_tok: bool, critic_source: str):
+        self.actor, self.ref, self.reward, self.critic = actor, ref, reward, critic
+        self.tok, self.reward_tok, self.same_tok, self.critic_source = tok, reward_tok, same_tok, critic_source
+        self.trained = [actor, critic]  # the modules Accelerate wraps (DDP)
+
+    # -- setup -----------------------------------------------------------------
+    def actor_params(self) -> list:
+        return [p for p in self.actor.parameters() if p.requires_grad]
+
+    def critic_params(self) -> list:
+        return [p for p in self.critic.parameters() if p.requires_grad]
+
+    def prepare(self, acc, opt_actor, opt_critic):
+        """Wrap the trained modules (DDP across processes), move the frozen ones; returns the optimizers."""
+        self.actor, self.critic, opt_actor, opt_critic = acc.prepare(self.actor, self.critic, opt_actor, opt_critic)
+        self.trained = [self.actor, self.critic]
+        for m in (self.ref, self.reward):
+            if m is not None:
+                m.to(acc.device)
+        self.actor_u, self.critic_u = acc.unwrap_model(self.actor), acc.unwrap_model(self.critic)
+        return opt_actor, opt_critic
+
+    def describe(self) -> str:
+        from lifecycle.modeling import describe_trainable
+
+        return f"actor: {describe_trainable(self.actor)} | critic from {self.critic_source}: {describe_trainable(self.critic)}"
+
+    # -- forward passes ------------------------------------------------------------
+    def generation_model(self):
+        return self.actor_u
+
+    def logits(self, r: Rollout):
+        """Actor logits at the response positions, (B, T, V); no DDP wrapper (no-grad passes)."""
+        return response_logits(self.actor_u, r)
+
+    def ref_logits(self, r: Rollout):
+        if self.ref is not None:
+            return response_logits(self.ref, r)
+        with self.actor_u.disable_adapter():  # the reference is the base under the actor's adapter
+            return response_logits(self.actor_u, r)
+
+    def values(self, r: Rollout):
+        ids, mask, pos = model_inputs(r.prompt_ids, r.prompt_mask, r.response_ids, r.response_mask)
+        return _values_at_responses(self.critic_u(ids, mask, pos), r)
+
+    def train_forward(self, u: Rollout):
+        """(logits (B, T, V), values (B, T)) through the wrapped modules, for one backward of both losses."""
+        ids, mask, pos = model_inputs(u.prompt_ids, u.prompt_mask, u.response_ids, u.response_mask)
+        return response_logits(self.actor, u), _values_at_responses(self.critic(ids, mask, pos), u)
+
+    def scores(self, ids, mask):
+        """Reward-model scores (B,) of prompt+response token ids (the policy's tokenizer)."""
+        from lifecycle.reward_model import score_tokens
+
+        return score_tokens(self.reward, ids, mask)
+
+    def score_texts(self, prompts: list, responses: list[str]) -> list[float]:
+        from lifecycle.reward_model import score
+
+        return score(self.reward, self.reward_tok, prompts, responses)
+
+    # -- output -----------------------------------------------------------------------
+    def digest_models(self) -> tuple:
+        return self.actor_u, self.critic_u
+
+    def final_models(self, cfg: PPOConfig, policy_path: str, tmp: Path):
+        """(actor as a plain causal LM, critic as a plain one-label classifier, extra artifact dirs)."""
+        from lifecycle.modeling import REWARD_HEAD, merge_adapter
+
+        extra = {}
+        actor = self.actor_u
+        if cfg.use_peft:  # merged into a fresh full-precision copy of the policy (QLoRA trained on a 4-bit one)
+            actor.save_pretrained(tmp / "actor_adapter")
+            extra["adapter"] = lambda d, a=actor: a.save_pretrained(d)
+            actor = merge_adapter(policy_path, str(tmp / "actor_adapter"))
+        seqcls = self.critic_u.model
+        if hasattr(seqcls, "peft_config"):
+            seqcls.save_pretrained(tmp / "critic_adapter")
+            seqcls = merge_adapter(self.critic_source, str(tmp / "critic_adapter"), head=REWARD_HEAD,
+                                   pad_token_id=self.tok.pad_token_id)
+        return actor, seqcls, extra
+
+
+class SharedRoles(Roles):
+    """All four roles on one (optionally 4-bit) copy of the policy's weights.
+
+    Used with --lora/--qlora when the reward model is a LoRA adapter over the
+    policy itself: the base carries three adapters (peft multi-adapter) —
+    "actor" (trains), "critic" (trains; starts as a copy of the reward adapter)
+    and "reward" (frozen) — plus two small heads, the reward model's score head
+    (frozen) and the critic's value head (trains, starts as a copy of it). The
+    reference is the base with every adapter disabled. One module holds it all,
+    so one forward gives both the actor's logits and the critic's values and
+    DDP wraps it once.
+    """
+
+    TRAINED = ("actor", "critic")
+
+    def __init__(self, peft_model, reward_head, value_head, *, tok, critic_source: str):
+        import torch
+
+        class Shared(torch.nn.Module):
+            def __init__(self, peft_model, reward_head, value_head, owner):
+                super().__init__()
+                self.peft, self.reward_head, self.value_head = peft_model, reward_head, value_head
+                self._owner = [owner]  # not a submodule
+
+            def forward(self, input_ids, attention_mask, position_ids, logits_to_keep):
+                """The training forward: the actor's logits and the critic's values, (B, K, V) and (B, L)."""
+                own = self._owner[0]
+                own.use("actor")
+                logits = self.peft(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                   use_cache=False, logits_to_keep=logits_to_keep).logits
+                own.use("critic")
+                h = own.hidden(input_ids, attention_mask, position_ids)
+                return logits, self.value_head(h).squeeze(-1).float()
+
+        self.shared = Shared(peft_model, reward_head, value_head, self)
+        self.tok = self.reward_tok = tok
+        self.same_tok, self.critic_source = True, critic_source
+        self.ref = self.reward = None
+        self.trained = [self.shared]
+
+    # -- adapters ---------------------------------------------------------------------
+    def _peft(self):
+        return self.shared_u.peft if hasattr(self, "shared_u") else self.shared.peft
+
+    def use(self, name: str) -> None:
+        """Make one adapter active without changing what trains (peft's set_adapter would freeze the others)."""
+        peft = self._peft()
+        peft.base_model.set_adapter(name)
+        for n, p in peft.named_parameters():
+            if ".lora_" in n:
+                p.requires_grad_(any(f".{a}." in n or n.endswith(f".{a}") for a in self.TRAINED))
+
+    def hidden(self, ids, mask, pos):
+        """Last hidden states (B, L, H) of the base under the active adapter."""
+        body = self._peft().get_base_model()
+        body = getattr(body, body.base_model_prefix)
+        return body(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
+
+    # -- setup ------------------------------------------------------------------------
+    def actor_params(self) -> list:
+        return [p for n, p in self.shared.peft.named_parameters() if ".lora_" in n and ".actor" in n]
+
+    def critic_params(self) -> list:
+        return [p for n, p in self.shared.peft.named_parameters() if ".lora_" in n and ".critic" in n] + \
+            list(self.shared.value_head.parameters())
+
+    def prepare(self, acc, opt_actor, opt_critic):
+        self.shared, opt_actor, opt_critic = acc.prepare(self.shared, opt_actor, opt_critic)
+        self.trained = [self.shared]
+        self.shared_u = acc.unwrap_model(self.shared)
+        return opt_actor, opt_critic
+
+    def describe(self) -> str:
+        from lifecycle.modeling import count_params
+
+        _, total = count_params(self.shared.peft.get_base_model())
+        n_a, n_c = sum(p.numel() for p in self.actor_params()), sum(p.numel() for p in self.critic_params())
+        return (f"one shared base ({total:,} parameters) for all four roles: adapters actor ({n_a:,} trainable), "
+                f"critic ({n_c:,} trainable, from {self.critic_source}), reward (frozen); reference = adapters disabled")
+
+    # -- forward passes -------------------------------------------------------------------
+    def generation_model(self):
+        self.use("actor")
+        return self.shared_u.peft
+
+    def logits(self, r: Rollout):
+        self.use("actor")
+        return response_logits(self.shared_u.peft, r)
+
+    def ref_logits(self, r: Rollout):
+        with self.shared_u.peft.disable_adapter():
+            return response_logits(self.shared_u.peft, r)
+
+    def values(self, r: Rollout):
+        ids, mask, pos = model_inputs(r.prompt_ids, r.prompt_mask, r.response_ids, r.response_mask)
+        self.use("critic")
+        return _values_at_responses(self.shared_u.value_head(self.hidden(ids, mask, pos)).squeeze(-1).float(), r)
+
+    def train_forward(self, u: Rollout):
+        ids, mask, pos = model_inputs(u.prompt_ids, u.prompt_mask, u.response_ids, u.response_mask)
+        T = u.response_ids.shape[1]
+        logits, values = self.shared(ids, mask, pos, T + 1)
+        return logits[:, :-1], _values_at_responses(values, u)
+
+    def scores(self, ids, mask):
+        import torch
+
+        self.use("reward")
+        mask = mask.long()
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        h = self.hidden(ids, mask, pos)  # (B, L, H)
+        last = (torch.arange(mask.shape[1], device=mask.device) * mask).argmax(-1)  # (B,) last real token
+        return self.shared_u.reward_head(h[torch.arange(h.shape[0], device=h.device), last]).squeeze(-1).float()
+
+    # -- output ---------------------------------------------------------------------------
+    def digest_models(self) -> tuple:
+        return self.shared_u.peft, self.shared_u.value_head
+
+    def final_models(self, cfg: PPOConfig, policy_path: str, tmp: Path):
+        import torch
+
+        from lifecycle.modeling import REWARD_HEAD, merge_adapter
+
+        peft = self.shared_u.peft
+        peft.save_pretrained(tmp / "adapters", selected_adapters=["actor", "critic"])
+        actor = merge_adapter(policy_path, str(tmp / "adapters" / "actor"))
+        critic = merge_adapter(policy_path, str(tmp / "adapters" / "critic"), head=REWARD_HEAD,
+                               pad_token_id=self.tok.pad_token_id)
+        with torch.no_grad():
+            critic.score.weight.copy_(self.shared_u.value_head.weight.to(critic.score.weight.dtype))
+        extra = {"adapter": lambda d: peft.save_pretrained(d, selected_adapters=["actor"])}
+        return actor, critic, extra
+
+
 def _frozen(model):
     model.eval()
     for p in model.parameters():
@@ -256,8 +478,29 @@ def _same_tokenizer(a, b) -> bool:
     return a.get_vocab() == b.get_vocab() and a.pad_token_id == b.pad_token_id and a.eos_token_id == b.eos_token_id
 
 
-def load_roles(cfg: PPOConfig, inputs: dict, say) -> dict:
-    """actor, ref (None with adapters: the actor with its adapter disabled), reward, critic, tokenizers."""
+def shared_reward_adapter(cfg: PPOConfig, inputs: dict) -> str | None:
+    """The reward adapter directory when all four roles can share one base, else None.
+
+    That is: --lora/--qlora with share_base, and the reward artifact holds a
+    LoRA adapter (OUT/adapter of `llm reward --lora`) trained over the very
+    weights of the policy (its manifest's backbone digest equals the policy's).
+    """
+    from lifecycle.artifacts import artifact_digest
+
+    if not (cfg.use_peft and cfg.share_base) or inputs["reward"]["hub"] or inputs["policy"]["hub"]:
+        return None
+    adapter = Path(inputs["reward"]["path"]) / "adapter"
+    if not (adapter / "adapter_config.json").is_file():
+        return None
+    m = inputs["reward"]["manifest"] or {}
+    backbone = m.get("init_from") or m.get("parent") or {}
+    if backbone.get("digest") and backbone["digest"] == artifact_digest(Path(inputs["policy"]["path"])):
+        return str(adapter)
+    return None
+
+
+def load_roles(cfg: PPOConfig, inputs: dict, say) -> Roles:
+    """Load the four roles: separately, or on one shared base (see `SharedRoles`)."""
     import torch
 
     from lifecycle.modeling import REWARD_HEAD, load_causal_lm, load_for_training
@@ -268,6 +511,10 @@ def load_roles(cfg: PPOConfig, inputs: dict, say) -> dict:
     tok = load_tokenizer(policy_path)
     reward_tok = load_tokenizer(reward_path)
     same_tok = _same_tokenizer(tok, reward_tok)
+
+    shared = shared_reward_adapter(cfg, inputs) if same_tok and cfg.critic in ("reward", "policy") else None
+    if shared:
+        return _load_shared(cfg, policy_path, reward_path, shared, tok)
     if not same_tok:
         say("note: the policy and the reward model use different tokenizers; responses reach the reward model as text "
             "(decoded, then re-encoded with its tokenizer)")
@@ -297,8 +544,41 @@ def load_roles(cfg: PPOConfig, inputs: dict, say) -> dict:
         raise UsageError(f"the critic ({source}) has a vocabulary of {base.config.vocab_size} but the policy's tokenizer has "
                          f"{len(tok)} tokens; set critic=policy")
     critic = _value_model_class()(seqcls)
-    return {"actor": actor, "ref": ref, "reward": reward, "critic": critic, "tok": tok, "reward_tok": reward_tok,
-            "same_tok": same_tok, "critic_source": source}
+    return Roles(actor, ref, reward, critic, tok=tok, reward_tok=reward_tok, same_tok=same_tok, critic_source=source)
+
+
+def _load_shared(cfg: PPOConfig, policy_path: str, reward_path: str, reward_adapter: str, tok) -> SharedRoles:
+    import torch
+    from peft import get_peft_model
+    from safetensors.torch import load_file
+
+    from lifecycle.modeling import lora_config, load_for_training
+
+    base = load_for_training(policy_path, dataclasses.replace(cfg, lora=False, qlora=cfg.qlora, dora=False))
+    if hasattr(base, "peft_config"):  # load_for_training adds adapters only when asked; be sure
+        base = base.get_base_model()
+    model = get_peft_model(base, lora_config(cfg), adapter_name="actor")
+    model.load_adapter(reward_adapter, adapter_name="reward", is_trainable=False)
+    # The reward model's score head: from the merged reward artifact (the adapter's copy has the same values).
+    head_w = load_file(str(Path(reward_path) / "model.safetensors"))["score.weight"]
+    hidden = head_w.shape[1]
+    reward_head = torch.nn.Linear(hidden, 1, bias=False)
+    value_head = torch.nn.Linear(hidden, 1, bias=False)
+    with torch.no_grad():
+        reward_head.weight.copy_(head_w.float())
+        if cfg.critic == "reward":
+            value_head.weight.copy_(head_w.float())
+        else:
+            value_head.weight.zero_()
+    reward_head.requires_grad_(False)
+    if cfg.critic == "reward":  # the critic's adapter starts as a trainable copy of the reward adapter
+        model.load_adapter(reward_adapter, adapter_name="critic", is_trainable=True)
+    else:
+        model.add_adapter("critic", lora_config(cfg))
+    roles = SharedRoles(model, reward_head, value_head, tok=tok,
+                        critic_source=reward_path if cfg.critic == "reward" else policy_path)
+    roles.use("actor")
+    return roles
 
 
 # ---------------------------------------------------------------------------
@@ -431,9 +711,6 @@ def run(cfg: PPOConfig, score_fn: ScoreFn | None = None) -> Path | None:
 
     from lifecycle import artifacts, rl
     from lifecycle.generate import generate_batch, render_prompts
-    from lifecycle.modeling import describe_trainable
-    from lifecycle.reward_model import score as score_texts
-    from lifecycle.reward_model import score_tokens
     from lifecycle.watchdog import Watchdog
 
     _quiet()
@@ -461,24 +738,16 @@ def run(cfg: PPOConfig, score_fn: ScoreFn | None = None) -> Path | None:
         say(f"memory estimate: {est.total_bytes / 2**20:,.1f} MiB per process at its peak ({est.peak_phase}); --explain shows the rows")
     set_seed(cfg.seed)  # identical initialisation on every process
     roles = load_roles(cfg, inputs, say)
-    actor, ref, reward, critic = roles["actor"], roles["ref"], roles["reward"], roles["critic"]
-    tok, reward_tok = roles["tok"], roles["reward_tok"]
-    actor.eval()  # no dropout anywhere: the ratio π/π_old must be 1 before the first update
-    critic.eval()
-    say(f"actor: {describe_trainable(actor)} | critic from {roles['critic_source']}: {describe_trainable(critic)}")
+    tok = roles.tok
+    for m in roles.trained:
+        m.eval()  # no dropout anywhere: the ratio π/π_old must be exactly 1 before the first update
+    say(roles.describe())
     say(f"each iteration: {G} prompts ({B} per process x {W}) -> {cfg.ppo_epochs} epochs x {G // cfg.minibatch_size} "
         f"minibatches of {cfg.minibatch_size} ({-(-MB // micro)} micro-batch(es) of {micro} per process); --explain shows memory")
 
-    opt_actor = torch.optim.AdamW([p for p in actor.parameters() if p.requires_grad], lr=cfg.lr,
-                                  weight_decay=cfg.weight_decay)
-    opt_critic = torch.optim.AdamW([p for p in critic.parameters() if p.requires_grad], lr=cfg.critic_lr,
-                                   weight_decay=cfg.weight_decay)
-    actor, critic, opt_actor, opt_critic = acc.prepare(actor, critic, opt_actor, opt_critic)
-    if ref is not None:
-        ref.to(acc.device)
-    reward.to(acc.device)
-    actor_u = acc.unwrap_model(actor)  # for generation and no-grad passes
-    critic_u = acc.unwrap_model(critic)
+    opt_actor = torch.optim.AdamW(roles.actor_params(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt_critic = torch.optim.AdamW(roles.critic_params(), lr=cfg.critic_lr, weight_decay=cfg.weight_decay)
+    opt_actor, opt_critic = roles.prepare(acc, opt_actor, opt_critic)
     set_seed(cfg.seed, device_specific=True)  # each process samples different responses
 
     eos, pad = tok.eos_token_id, tok.pad_token_id
@@ -490,7 +759,7 @@ def run(cfg: PPOConfig, score_fn: ScoreFn | None = None) -> Path | None:
 
     # -- helpers that close over the roles ----------------------------------------------------
     def generate(prompts: list[str], greedy: bool = False) -> list:
-        return generate_batch(actor_u, tok, prompts, max_new_tokens=cfg.max_new_tokens,
+        return generate_batch(roles.generation_model(), tok, prompts, max_new_tokens=cfg.max_new_tokens,
                               temperature=0.0 if greedy else temp, top_k=cfg.top_k, top_p=cfg.top_p,
                               batch_size=max(len(prompts), 1))
 
@@ -510,22 +779,16 @@ def run(cfg: PPOConfig, score_fn: ScoreFn | None = None) -> Path | None:
         d = acc.device
         return enc["input_ids"].to(d), enc["attention_mask"].to(d), resp.to(d), rmask.to(d), ended.to(d)
 
-    def ref_logits(r: Rollout):
-        if ref is not None:
-            return response_logits(ref, r)
-        with actor_u.disable_adapter():  # the reference is the base under the actor's adapter
-            return response_logits(actor_u, r)
-
     def rm_scores(raw_prompts: list, prompts: list[str], samples: list, r: Rollout):
         """The reward model's score of each prompt+response, (B,)."""
         if score_fn is not None:
             return torch.tensor(score_fn(prompts, samples), dtype=torch.float32, device=acc.device)
-        if roles["same_tok"]:
+        if roles.same_tok:
             ids, mask, _ = model_inputs(r.prompt_ids, r.prompt_mask, r.response_ids, r.response_mask)
-            return score_tokens(reward, ids, mask)
+            return roles.scores(ids, mask)
         # Different tokenizers: hand over through text, re-rendered with the reward model's own template.
-        return torch.tensor(score_texts(reward, reward_tok, raw_prompts, [s.text for s in samples]),
-                            dtype=torch.float32, device=acc.device)
+        return torch.tensor(roles.score_texts(raw_prompts, [s.text for s in samples]), dtype=torch.float32,
+                            device=acc.device)
 
     def partial_rollout(raw: list, prompts: list[str], samples: list) -> Rollout:
         pi, pm, ri, rm, ended = tensors(prompts, samples)
@@ -558,8 +821,8 @@ def run(cfg: PPOConfig, score_fn: ScoreFn | None = None) -> Path | None:
             sums[5] = r.ended.float().sum()
             sampled = generate(prompts)
             r = partial_rollout(raw, prompts, sampled)
-            lp = torch.log_softmax(response_logits(actor_u, r).float() / temp, -1)
-            lq = torch.log_softmax(ref_logits(r).float() / temp, -1)
+            lp = torch.log_softmax(roles.logits(r).float() / temp, -1)
+            lq = torch.log_softmax(roles.ref_logits(r).float() / temp, -1)
             kl_tok = (lp.exp() * (lp - lq)).sum(-1)  # (B, T) exact KL(π(·|s_t) || π_ref(·|s_t))
             sums[3] = (kl_tok * r.response_mask).sum()
         sums = acc.reduce(sums, reduction="sum")
@@ -647,12 +910,12 @@ def run(cfg: PPOConfig, score_fn: ScoreFn | None = None) -> Path | None:
                 samples = generate(prompts)  # batched, KV cache; cut at EOS
                 t_gen = time.perf_counter() - t0
                 r = partial_rollout(raw, prompts, samples)
-                logits = response_logits(actor_u, r)
+                logits = roles.logits(r)
                 r.logprobs = rl.logprobs_from_logits(logits, r.response_ids, temp)
                 entropy = rl.masked_mean(rl.entropy_from_logits(logits, temp), r.response_mask)
                 del logits
-                r.ref_logprobs = rl.logprobs_from_logits(ref_logits(r), r.response_ids, temp)
-                r.values = response_values(critic_u, r) * r.response_mask
+                r.ref_logprobs = rl.logprobs_from_logits(roles.ref_logits(r), r.response_ids, temp)
+                r.values = roles.values(r) * r.response_mask
 
                 # -- 2. score ---------------------------------------------------------------------
                 r.scores = rm_scores(raw, prompts, samples, r)
@@ -692,18 +955,19 @@ def run(cfg: PPOConfig, score_fn: ScoreFn | None = None) -> Path | None:
                         u = mb.select(torch.arange(c0, min(c0 + micro, MB), device=acc.device))
                         w = u.response_mask.sum() / n_tok  # token share: the minibatch loss is a token mean
                         sync = j == len(chunks) - 1
-                        with acc.no_sync(actor) if not sync else _null(), acc.no_sync(critic) if not sync else _null():
-                            logits = response_logits(actor, u)
+                        with contextlib.ExitStack() as no_sync:  # all-reduce gradients on the last micro-batch only
+                            if not sync:
+                                for m in roles.trained:
+                                    no_sync.enter_context(acc.no_sync(m))
+                            logits, v = roles.train_forward(u)  # (b, T, V), (b, T)
                             logp = rl.logprobs_from_logits(logits, u.response_ids, temp)
                             pg, st = rl.policy_loss(logp, u.logprobs, u.advantages, u.response_mask, cfg.clip_range)
                             loss = pg
                             if cfg.entropy_coef > 0:
                                 ent = rl.masked_mean(rl.entropy_from_logits(logits, temp), u.response_mask)
                                 loss = loss - cfg.entropy_coef * ent
-                            acc.backward(loss * w)
-                            v = response_values(critic, u)
                             vl, vst = rl.value_loss(v, u.values, u.returns, u.response_mask, cfg.value_clip)
-                            acc.backward(vl * w)
+                            acc.backward((loss + vl) * w)  # separate parameters, separate optimizers: one backward
                         for k, x in (("policy_loss", pg), ("value_loss", vl), ("clipfrac", st["clipfrac"]),
                                      ("approx_kl", st["approx_kl"]), ("vf_clipfrac", vst["vf_clipfrac"])):
                             mb_stats[k] += x.detach() * w
@@ -715,8 +979,8 @@ def run(cfg: PPOConfig, score_fn: ScoreFn | None = None) -> Path | None:
                         stopped_early = True
                         break
                     clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-                    mb_stats["grad_norm"] = torch.as_tensor(acc.clip_grad_norm_(actor.parameters(), clip), dtype=torch.float32).detach()
-                    mb_stats["critic_grad_norm"] = torch.as_tensor(acc.clip_grad_norm_(critic.parameters(), clip), dtype=torch.float32).detach()
+                    mb_stats["grad_norm"] = torch.as_tensor(acc.clip_grad_norm_(roles.actor_params(), clip), dtype=torch.float32).detach()
+                    mb_stats["critic_grad_norm"] = torch.as_tensor(acc.clip_grad_norm_(roles.critic_params(), clip), dtype=torch.float32).detach()
                     opt_actor.step()
                     opt_critic.step()
                     opt_actor.zero_grad(set_to_none=True)
@@ -771,7 +1035,7 @@ def run(cfg: PPOConfig, score_fn: ScoreFn | None = None) -> Path | None:
             for a in alarms:
                 say(f"WATCHDOG [{a['alarm']}] at iteration {a['step']}: {a['message']}")
             if cfg.debug_digest:
-                _write_digest(out, rank, step, actor_u, critic_u)
+                _write_digest(out, rank, step, *roles.digest_models())
 
             stop_req = acc.reduce(torch.tensor(1.0 if stop.requested else 0.0, device=acc.device), reduction="sum").item() > 0
             if stop_req:
@@ -801,7 +1065,7 @@ def run(cfg: PPOConfig, score_fn: ScoreFn | None = None) -> Path | None:
         metrics["gold_accuracy"] = final["eval_gold_accuracy"]
     acc.wait_for_everyone()
     if acc.is_main_process:
-        _write_artifact(cfg, inputs, roles, actor_u, critic_u, tok, metrics, dog, out)
+        _write_artifact(cfg, inputs, roles, metrics, dog, out)
         g = (f" | gold accuracy {100 * metrics['gold_accuracy_initial']:.1f}% -> {100 * metrics['gold_accuracy']:.1f}%"
              if "gold_accuracy" in metrics else "")
         say(f"held-out score {metrics['score_initial']:.3f} -> {metrics['score']:.3f}{g} | KL {metrics['kl']:.3f} nats "
@@ -816,14 +1080,6 @@ def run(cfg: PPOConfig, score_fn: ScoreFn | None = None) -> Path | None:
 # ---------------------------------------------------------------------------
 # Small pieces used by run()
 # ---------------------------------------------------------------------------
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
-
-
 def _quiet() -> None:
     """Library chatter off (load bars, advisory warnings, accelerate's note on tied weights); our lines stay."""
     import logging
@@ -852,38 +1108,26 @@ def _write_digest(out: Path, rank: int, step: int, actor, critic) -> None:
     atomic_write_json(d / f"rank-{rank}.json", {"step": step, "actor": weights_digest(actor), "critic": weights_digest(critic)})
 
 
-def _write_artifact(cfg: PPOConfig, inputs: dict, roles: dict, actor, critic, tok, metrics: dict, dog, out: Path) -> None:
+def _write_artifact(cfg: PPOConfig, inputs: dict, roles: Roles, metrics: dict, dog, out: Path) -> None:
     """OUT: the actor as a plain causal LM (merged when LoRA), OUT/critic: the critic as a sequence classifier."""
     import tempfile
 
     from lifecycle import artifacts
-    from lifecycle.modeling import REWARD_HEAD, merge_adapter
 
-    policy_path = inputs["policy"]["path"]
+    tok = roles.tok
     with tempfile.TemporaryDirectory(dir=out) as tmp:
-        extra_dirs = {}
-        if cfg.use_peft:
-            actor.save_pretrained(Path(tmp) / "actor_adapter")
-            model = merge_adapter(policy_path, str(Path(tmp) / "actor_adapter"))
-            extra_dirs["adapter"] = lambda d: actor.save_pretrained(d)
-        else:
-            model = actor
-        seqcls = critic.model
-        if hasattr(seqcls, "peft_config"):
-            seqcls.save_pretrained(Path(tmp) / "critic_adapter")
-            seqcls = merge_adapter(roles["critic_source"], str(Path(tmp) / "critic_adapter"), head=REWARD_HEAD,
-                                   pad_token_id=tok.pad_token_id)
+        actor, critic, extra_dirs = roles.final_models(cfg, inputs["policy"]["path"], Path(tmp))
 
         def write_critic(d: Path) -> None:
-            seqcls.save_pretrained(d, safe_serialization=True)
+            critic.save_pretrained(d, safe_serialization=True)
             tok.save_pretrained(d)
 
         extra_dirs["critic"] = write_critic
-        model.generation_config.eos_token_id = tok.eos_token_id
-        model.generation_config.pad_token_id = tok.pad_token_id
+        actor.generation_config.eos_token_id = tok.eos_token_id
+        actor.generation_config.pad_token_id = tok.pad_token_id
         artifacts.save_model_artifact(
-            model, tok, out, stage="ppo", config=to_dict(cfg), metrics=metrics,
+            actor, tok, out, stage="ppo", config=to_dict(cfg), metrics=metrics,
             parent=artifacts.parent_record(inputs["policy"]), seed=cfg.seed, extra_dirs=extra_dirs,
-            extra={"reward": artifacts.parent_record(inputs["reward"]), "critic_init": roles["critic_source"],
-                   "watchdog": dog.events},
+            extra={"reward": artifacts.parent_record(inputs["reward"]), "critic_init": roles.critic_source,
+                   "shared_base": isinstance(roles, SharedRoles), "watchdog": dog.events},
         )
