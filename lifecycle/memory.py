@@ -892,6 +892,7 @@ ROW_NOTES = {
     "master_bytes": "fp32 master copy of trainable weights",
     "grads_bytes": "gradients of trainable weights",
     "optimizer_bytes": "optimizer state",
+    "ddp_buckets_bytes": "DDP gradient buckets (gradient_as_bucket_view=False, the default)",
     "weight_copies_bytes": "16-bit weight copies autocast keeps for backward",
     "activations_bytes": "tensors saved for backward",
     "logits_bytes": "logits held by the output + fp32 log-softmax saved by the loss",
@@ -903,7 +904,8 @@ ROW_NOTES = {
     "optimizer_step_bytes": "transient: optimizer.step() temporaries",
     "overhead_bytes": "CUDA context + allocator margin",
 }
-STATE_ROWS = ("params_bytes", "lora_params_bytes", "quant_constants_bytes", "master_bytes", "grads_bytes", "optimizer_bytes")
+STATE_ROWS = ("params_bytes", "lora_params_bytes", "quant_constants_bytes", "master_bytes", "grads_bytes", "optimizer_bytes",
+              "ddp_buckets_bytes")
 FWD_ROWS = ("weight_copies_bytes", "activations_bytes", "logits_bytes", "kv_cache_bytes")
 
 
@@ -1258,7 +1260,7 @@ def _estimate(sh: Shape, *, stage: str, method: str, lora_r: int, dtype: str, pr
         model_list = [("actor" if stage == "ppo" else "policy", True, head)]
         if stage == "ppo":
             model_list += [("critic", True, "score"), ("reference", False, "lm"), ("reward", False, "score")]
-        states = {k: 0 for k in STATE_ROWS}
+        states = {k: 0 for k in STATE_ROWS}   # ddp_buckets_bytes is filled in below
         step_temp, largest_layer = 0, 0
         fwd_phases = []
         n_params = n_train = 0
@@ -1269,7 +1271,7 @@ def _estimate(sh: Shape, *, stage: str, method: str, lora_r: int, dtype: str, pr
                 continue
             ms = _model_states(sh, optimizer=optimizer, trains=trains, head=hd, **common)
             for k in STATE_ROWS:
-                states[k] += ms[k]
+                states[k] += ms.get(k, 0)
             step_temp += ms["optimizer_step_bytes"]
             largest_layer = max(largest_layer, ms["largest_layer"])
             if role in ("actor", "policy"):
@@ -1279,7 +1281,7 @@ def _estimate(sh: Shape, *, stage: str, method: str, lora_r: int, dtype: str, pr
                 a = _activation_rows(sh, b=b, s=seq_len, head=hd, **common, **act_kw)
                 fwd_phases.append((role, a))
             if stage == "ppo":
-                roles.append(dict(role=role, trains=trains, bytes=sum(ms[k] for k in STATE_ROWS),
+                roles.append(dict(role=role, trains=trains, bytes=sum(ms.get(k, 0) for k in STATE_ROWS),
                                   what=("trains: weights + grads + optimizer" if trains else "frozen weights, forward only")
                                   + (" (value head)" if hd == "score" else "")))
         # the trained models run forward/backward one after another: the largest phase counts
@@ -1302,6 +1304,8 @@ def _estimate(sh: Shape, *, stage: str, method: str, lora_r: int, dtype: str, pr
             rows["master_bytes"] = -(-rows["master_bytes"] // gpus)
         if zero >= 2:
             rows["grads_bytes"] = -(-rows["grads_bytes"] // gpus)
+        if zero == 0 and gpus > 1:
+            rows["ddp_buckets_bytes"] = rows["grads_bytes"]   # DDP all-reduces through its own flat buckets
         zero3 = 0
         if zero >= 3:
             for k in ("params_bytes", "lora_params_bytes", "quant_constants_bytes"):

@@ -191,6 +191,33 @@ def test_korthikanti_attention_term_and_flash():
     assert e5["activations_bytes"] - e4["activations_bytes"] == memory.korthikanti_layer_bytes(s, b, h, a) + 16 * s * b + 3 * 2 * 4 * h * s * b
 
 
+def test_documented_llama_layer_formulas():
+    """Every per-layer formula in docs/memory.md, against the estimator (GQA 4:1, CUDA rules unless noted)."""
+    h, a, kvh, d, i, r, b, s = 1024, 16, 4, 64, 2816, 16, 2, 512
+    q, k, t = a * d, kvh * d, b * s
+    cfg = dict(model_type="llama", hidden_size=h, intermediate_size=i, num_hidden_layers=4, num_attention_heads=a,
+               num_key_value_heads=kvh, vocab_size=5000, max_position_embeddings=4096)
+
+    def per_layer(**kw):
+        e = [memory.estimate(dict(cfg, num_hidden_layers=n), batch_size=b, seq_len=s, lora_r=r, **kw) for n in (4, 5)]
+        return e[1]["activations_bytes"] - e[0]["activations_bytes"], e[1]["weight_copies_bytes"] - e[0]["weight_copies_bytes"]
+
+    base = {"fp32": t * (24 * h + 8 * q + 8 * k + 16 * i + 8 + 4 * a),
+            "mixed": t * (26 * h + 4 * q + 4 * k + 8 * i + 8 + 4 * a),
+            "pure": t * (16 * h + 4 * q + 4 * k + 8 * i + 8 + 4 * a)}
+    assert per_layer(dtype="fp32", device="cpu")[0] == base["fp32"]
+    assert per_layer() == (base["mixed"], 2 * (2 * h * q + 2 * h * k + 3 * h * i))
+    assert per_layer(precision="pure")[0] == base["pure"]
+    assert per_layer(method="lora")[0] == t * (18 * h + 6 * q + 4 * k + 8 * i + 14 * r + 8 + 4 * a)
+    assert per_layer(method="qlora")[0] == t * (12 * h + 4 * q + 4 * k + 8 * i + 14 * r + 8 + 4 * a)
+    assert per_layer(attn="eager")[0] == base["mixed"] + t * (4 * q - 4 * k - 4 * a) + 6 * b * a * s * s
+    assert per_layer(attn="eager", precision="pure")[0] == base["pure"] + t * (4 * q - 4 * k - 4 * a) + 6 * b * a * s * s
+    assert per_layer(attn="eager", dtype="fp32")[0] == base["fp32"] + t * (8 * q - 8 * k - 4 * a) + 4 * b * a * s * s
+    assert per_layer(grad_ckpt="full")[0] == 4 * t * h
+    assert per_layer(grad_ckpt="full", precision="pure")[0] == 2 * t * h
+    assert per_layer(grad_ckpt="full", method="lora")[0] == 2 * t * h
+
+
 def test_checkpointing_keeps_layer_inputs_plus_one_layer():
     cfg, _ = memory.load_model_config("llama-2-7b")
     full = memory.estimate(cfg, batch_size=1, seq_len=4096, grad_ckpt="full", precision="pure")
