@@ -1334,10 +1334,13 @@ def _estimate(sh: Shape, *, stage: str, method: str, lora_r: int, dtype: str, pr
             notes["params_bytes"] = "NF4-packed linear weights + unquantized embeddings, norms, head"
         if optimizer == "paged_adamw8bit":
             warnings.append("paged optimizer state lives in CUDA unified memory and can be evicted to CPU under pressure")
-        if attn == "eager" and a["attn_s2"]:
+        if a["attn_s2"]:
             notes["activations_bytes"] += f" (incl. {fmt_bytes(a['attn_s2'])} of s x s attention matrices)"
+            if attn == "sdpa":
+                warnings.append("SDPA falls back to its math kernel here (fp32 with GQA on CUDA, or attention dropout "
+                                "on CPU) and keeps s x s matrices")
         if stage == "reward":
-            notes["logits_bytes"] = "reward scores (one per token) held by the output"
+            notes["logits_bytes"] = "pooled reward scores held by the output"
             warnings.append("reward: chosen and rejected run in one forward, so activations are for 2 x batch")
     overhead = 0
     if device == "cuda":
@@ -1449,7 +1452,10 @@ def cli_estimate(*, model: str, stage: str = "sft", method: str = "full", lora_r
     sh = shape_from_config(config)
     if seq_len is None:
         seq_len = min(2048, sh.max_positions)
-    limit = parse_size(gpu_memory) if gpu_memory is not None else None
+    try:
+        limit = parse_size(gpu_memory) if gpu_memory is not None else None
+    except UsageError as e:
+        raise UsageError(f"--gpu-memory {gpu_memory}: {e}") from None
     kw = dict(stage=stage, method=method, lora_r=lora_r, dtype=dtype, precision=precision, optimizer=optimizer,
               batch_size=batch_size, seq_len=seq_len, grad_ckpt=grad_ckpt, attn=attn)
     if measure:
