@@ -187,7 +187,7 @@ def write_log(out: str | Path, history: list[dict]) -> Path:
     """OUT/log.jsonl: one JSON object per trainer log entry, each with "step" (the curves `llm run` plots)."""
     lines = []
     for entry in history:
-        if "step" not in entry or not any(k in entry for k in ("loss", "eval_loss", "eval_accuracy")):
+        if "step" not in entry or not any(k in entry for k in ("loss", "eval_loss", "eval_accuracy", "gold_accuracy")):
             continue
         row = {"step": entry["step"]}
         row.update({_RENAME.get(k, k): v for k, v in entry.items() if k != "step"})

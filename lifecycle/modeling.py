@@ -185,6 +185,10 @@ def load_for_training(path: str, peft: Any, *, head: str = CAUSAL_HEAD, pad_toke
     if peft.qlora:
         kw["quantization_config"] = quantization_config()
         kw["dtype"] = torch.bfloat16
+        if torch.cuda.is_available():  # the Trainer cannot move a 4-bit model: load it on this process's GPU
+            from accelerate import PartialState
+
+            kw["device_map"] = {"": PartialState().local_process_index}
     else:
         kw["dtype"] = torch.float32
     model = _from_pretrained(path, head, **kw)

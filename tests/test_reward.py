@@ -166,3 +166,11 @@ def test_cli_reward_refuses_identical_pairs(tiny_base, tmp_path):
 def test_cli_reward_refuses_a_reward_model_as_base(rm_run, tmp_path):
     proc = run_cli("reward", "--base", str(rm_run("full")), "--out", str(tmp_path / "o"))
     assert_usage_error(proc, "reward-model artifact", "causal-lm is expected")
+
+
+def test_default_recipe_restates_the_builtin_defaults():
+    from lifecycle.config import read_yaml
+
+    defaults = RewardConfig()
+    for k, v in read_yaml(Path(__file__).resolve().parent.parent / "recipes/default/reward.yaml").items():
+        assert getattr(defaults, k) == v, k

@@ -202,7 +202,10 @@ def test_cli_base_that_is_not_a_causal_lm(tmp_path):
     base = tmp_path / "bert"
     base.mkdir()
     (base / "config.json").write_text(json.dumps({"architectures": ["BertModel"], "model_type": "bert"}))
-    (base / "model.safetensors").write_bytes(b"0")
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"embeddings.weight": torch.zeros(2, 2)}, str(base / "model.safetensors"))
     proc = run_cli("sft", "--base", str(base), "--out", str(tmp_path / "o"))
     assert_usage_error(proc, "unknown kind", "causal-lm is expected")
 
@@ -226,3 +229,14 @@ def test_cli_sft_refuses_a_reward_model(tmp_path, tiny_tokenizer):
 def test_cli_lora_and_qlora_together(tiny_base, tmp_path):
     proc = run_cli("sft", "--base", str(tiny_base), "--out", str(tmp_path / "o"), "--lora", "--qlora")
     assert_usage_error(proc, "--lora and --qlora both given")
+
+
+def test_default_recipe_restates_the_builtin_defaults():
+    from lifecycle.config import read_yaml
+
+    defaults = SFTConfig()
+    root = Path(__file__).resolve().parent.parent
+    for k, v in read_yaml(root / "recipes/default/sft.yaml").items():
+        assert getattr(defaults, k) == v, k
+    gpu = build_config(SFTConfig, str(root / "recipes/gpu/sft-qlora.yaml"), {"out": "x", "base": "y"})
+    assert gpu.qlora and gpu.mixed_precision == "bf16"

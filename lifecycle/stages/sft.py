@@ -57,6 +57,24 @@ def token_lengths(tokenizer, rows: list[dict]) -> list[int]:
     return out
 
 
+def gold_callback(tokenizer, problems: list, initial: dict):
+    """At every evaluation, greedy gold accuracy on the held-out problems, into the trainer's log history
+    (so OUT/log.jsonl has the curve, and a resumed run keeps the earlier points)."""
+    from transformers import TrainerCallback
+
+    from lifecycle.generate import gold_accuracy
+
+    class GoldAccuracy(TrainerCallback):
+        def on_evaluate(self, args, state, control, model=None, **kw):
+            acc = initial if state.global_step == 0 else gold_accuracy(model, tokenizer, problems)
+            state.log_history.append({"step": state.global_step, **{k: v for k, v in acc.items() if k != "n"}})
+            if state.is_world_process_zero:
+                print(f"step {state.global_step:>5}/{state.max_steps}  gold_accuracy {acc['gold_accuracy']:.3f} "
+                      f"(carry {acc['gold_accuracy_carry']:.3f}, no carry {acc['gold_accuracy_nocarry']:.3f})", flush=True)
+
+    return GoldAccuracy()
+
+
 def run(cfg: SFTConfig) -> Path:
     t_start = time.perf_counter()
     out = Path(cfg.out)
@@ -133,6 +151,8 @@ def run(cfg: SFTConfig) -> Path:
         eval_rows = []
     finetune.fp32_adapters_without_autocast(trainer, cfg)
     finetune.attach_progress(trainer)
+    if problems and eval_rows:
+        trainer.add_callback(gold_callback(tokenizer, problems, before))
     t_train = time.perf_counter()
     trainer.train(resume_from_checkpoint=True if resuming else None)
     train_seconds = time.perf_counter() - t_train
