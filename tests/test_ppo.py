@@ -7,6 +7,7 @@ the earlier stages and minutes, not seconds.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -40,6 +41,34 @@ def _save_classifier(tmp_path_factory, tokenizer, name: str, num_labels: int = 1
 def tiny_reward(tmp_path_factory, tiny_tokenizer):
     """A reward-kind artifact: an untrained one-label classifier on the tiny tokenizer."""
     return _save_classifier(tmp_path_factory, tiny_tokenizer, "tiny_reward", metrics={"eval_accuracy": 0.9})
+
+
+@pytest.fixture(scope="module")
+def tiny_lora_reward(tmp_path_factory, tiny_base):
+    """A reward-kind artifact as `llm reward --lora --base tiny_base` writes it: the merged classifier + OUT/adapter."""
+    import shutil
+
+    import torch
+
+    from lifecycle import artifacts
+    from lifecycle.modeling import REWARD_HEAD, load_for_training, merge_adapter
+    from lifecycle.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_base))
+    torch.manual_seed(2)
+    model = load_for_training(str(tiny_base), PPOConfig(lora=True), head=REWARD_HEAD, pad_token_id=tok.pad_token_id)
+    with torch.no_grad():  # a non-trivial adapter and head
+        for n, p in model.named_parameters():
+            if "lora_B" in n or "score" in n:
+                p.normal_(0, 0.3)
+    scratch = tmp_path_factory.mktemp("lora_reward_adapter")
+    model.save_pretrained(scratch)
+    merged = merge_adapter(str(tiny_base), str(scratch), head=REWARD_HEAD, pad_token_id=tok.pad_token_id)
+    out = tmp_path_factory.mktemp("tiny_lora_reward")
+    parent = artifacts.parent_record(artifacts.check_artifact(str(tiny_base), artifacts.CAUSAL_LM, "--base"))
+    artifacts.save_model_artifact(merged, tok, out, stage="reward", config={}, metrics={"eval_accuracy": 0.9}, parent=parent,
+                                  seed=0, extra_dirs={"adapter": lambda d: shutil.copytree(scratch, d, dirs_exist_ok=True)})
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -109,8 +138,38 @@ def test_toy_task_ppo_learns_the_preferred_token(toy, tmp_path):
     assert manifest["metrics"]["score_initial"] < 0.5
 
 
-def test_stage_lora_artifact_and_resume(tiny_base, tiny_reward, tmp_path):
-    """--lora: the reference is the actor with its adapter off; the artifact is a merged causal LM + OUT/critic; resume continues."""
+def test_shared_base_scores_match_the_reward_model(tiny_base, tiny_lora_reward, tmp_path):
+    """--lora with a LoRA reward model over the policy: one base, three adapters; the reward adapter + head score
+    exactly what the merged reward artifact scores, and the critic starts as the reward model."""
+    import torch
+
+    from lifecycle.reward_model import pad_batch
+    from lifecycle.stages import ppo
+
+    cfg = build_config(PPOConfig, None, dict(policy=str(tiny_base), reward=str(tiny_lora_reward), out=str(tmp_path / "o"),
+                                             lora=True, **SMALL))
+    inputs = ppo.check_inputs(cfg)
+    shared = ppo.load_roles(cfg, inputs, print)
+    separate = ppo.load_roles(dataclasses.replace(cfg, share_base=False), inputs, print)
+    assert isinstance(shared, ppo.SharedRoles) and not isinstance(separate, ppo.SharedRoles)
+    shared.module.eval()  # as run() does: no (LoRA) dropout
+    tok = shared.tok
+    seqs = [tok.apply_chat_template([{"role": "user", "content": f"what is {a} plus 7 ?"}, {"role": "assistant", "content": str(a + 7)}],
+                                    tokenize=True, return_dict=True)["input_ids"] for a in (3, 48, 95)]
+    ids, mask = pad_batch(seqs, tok.pad_token_id, side="left")
+    with torch.no_grad():
+        s_shared, s_sep = shared.scores(ids, mask), separate.scores(ids, mask)
+        assert torch.allclose(s_shared, s_sep, atol=1e-4), (s_shared, s_sep)
+        assert s_sep.std() > 0.01  # a reward model that tells these apart
+        # the critic starts as the reward model: its value at the last token is the score
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        shared.use("critic")
+        v = shared.module.value_head(shared.hidden(ids, mask, pos)).squeeze(-1)[:, -1]
+        assert torch.allclose(v, s_shared, atol=1e-4)
+
+
+def test_stage_lora_shared_base_artifact_and_resume(tiny_base, tiny_lora_reward, tmp_path):
+    """--lora, shared base: the artifact is a merged causal LM + OUT/critic (plain classifier) + OUT/adapter; resume continues."""
     import torch
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -118,16 +177,16 @@ def test_stage_lora_artifact_and_resume(tiny_base, tiny_reward, tmp_path):
     from lifecycle.stages import ppo
 
     out = tmp_path / "ppo"
-    opts = dict(policy=str(tiny_base), reward=str(tiny_reward), out=str(out), lora=True, lr=1e-2, max_steps=2,
+    opts = dict(policy=str(tiny_base), reward=str(tiny_lora_reward), out=str(out), lora=True, lr=1e-2, max_steps=2,
                 eval_every=1, **SMALL)
     ppo.run(build_config(PPOConfig, None, opts))
     for f in ("config.json", "model.safetensors", "tokenizer.json", "lifecycle.json", "log.jsonl",
               "critic/config.json", "critic/model.safetensors", "adapter/adapter_config.json", "checkpoints/step-000002/state.json"):
         assert (out / f).is_file(), f
     m = json.loads((out / "lifecycle.json").read_text())
-    assert m["stage"] == "ppo" and m["kind"] == "causal-lm"
+    assert m["stage"] == "ppo" and m["kind"] == "causal-lm" and m["shared_base"] is True
     assert m["parent"]["path"] == str(Path(tiny_base).resolve())
-    assert m["reward"]["path"] == str(Path(tiny_reward).resolve())
+    assert m["reward"]["path"] == str(Path(tiny_lora_reward).resolve())
     for k in ("score_initial", "score", "gold_accuracy_initial", "gold_accuracy", "kl"):
         assert isinstance(m["metrics"][k], float), k
     assert "critic/model.safetensors" in m["files"]
@@ -144,7 +203,7 @@ def test_stage_lora_artifact_and_resume(tiny_base, tiny_reward, tmp_path):
     for k in ("score_mean", "score_std", "kl", "entropy", "clipfrac", "approx_kl", "value_loss", "explained_variance",
               "response_length", "eos_rate", "eval_score", "eval_gold_accuracy", "eval_kl"):
         assert k in step1, k
-    assert step1["kl"] == pytest.approx(0.0, abs=1e-6)  # adapter starts at zero: actor == reference
+    assert step1["kl"] == pytest.approx(0.0, abs=1e-6)  # the adapter starts at zero: actor == reference
 
     # Resume: one more iteration on top of the final checkpoint.
     ppo.run(build_config(PPOConfig, None, {**opts, "max_steps": 3, "resume": True}))

@@ -367,19 +367,17 @@ class SharedRoles(Roles):
                 h = own.hidden(input_ids, attention_mask, position_ids)
                 return logits, self.value_head(h).squeeze(-1).float()
 
-        self.shared = Shared(peft_model, reward_head, value_head, self)
+        self.module = Shared(peft_model, reward_head, value_head, self)  # always the unwrapped module
+        self.shared = self.module  # what the training forward calls: DDP-wrapped after prepare
         self.tok = self.reward_tok = tok
         self.same_tok, self.critic_source = True, critic_source
         self.ref = self.reward = None
         self.trained = [self.shared]
 
     # -- adapters ---------------------------------------------------------------------
-    def _peft(self):
-        return self.shared_u.peft if hasattr(self, "shared_u") else self.shared.peft
-
     def use(self, name: str) -> None:
         """Make one adapter active without changing what trains (peft's set_adapter would freeze the others)."""
-        peft = self._peft()
+        peft = self.module.peft
         peft.base_model.set_adapter(name)
         for n, p in peft.named_parameters():
             if ".lora_" in n:
@@ -387,28 +385,27 @@ class SharedRoles(Roles):
 
     def hidden(self, ids, mask, pos):
         """Last hidden states (B, L, H) of the base under the active adapter."""
-        body = self._peft().get_base_model()
+        body = self.module.peft.get_base_model()
         body = getattr(body, body.base_model_prefix)
         return body(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
 
     # -- setup ------------------------------------------------------------------------
     def actor_params(self) -> list:
-        return [p for n, p in self.shared.peft.named_parameters() if ".lora_" in n and ".actor" in n]
+        return [p for n, p in self.module.peft.named_parameters() if ".lora_" in n and ".actor" in n]
 
     def critic_params(self) -> list:
-        return [p for n, p in self.shared.peft.named_parameters() if ".lora_" in n and ".critic" in n] + \
-            list(self.shared.value_head.parameters())
+        return [p for n, p in self.module.peft.named_parameters() if ".lora_" in n and ".critic" in n] + \
+            list(self.module.value_head.parameters())
 
     def prepare(self, acc, opt_actor, opt_critic):
-        self.shared, opt_actor, opt_critic = acc.prepare(self.shared, opt_actor, opt_critic)
+        self.shared, opt_actor, opt_critic = acc.prepare(self.module, opt_actor, opt_critic)
         self.trained = [self.shared]
-        self.shared_u = acc.unwrap_model(self.shared)
         return opt_actor, opt_critic
 
     def describe(self) -> str:
         from lifecycle.modeling import count_params
 
-        _, total = count_params(self.shared.peft.get_base_model())
+        _, total = count_params(self.module.peft.get_base_model())
         n_a, n_c = sum(p.numel() for p in self.actor_params()), sum(p.numel() for p in self.critic_params())
         return (f"one shared base ({total:,} parameters) for all four roles: adapters actor ({n_a:,} trainable), "
                 f"critic ({n_c:,} trainable, from {self.critic_source}), reward (frozen); reference = adapters disabled")
@@ -416,20 +413,20 @@ class SharedRoles(Roles):
     # -- forward passes -------------------------------------------------------------------
     def generation_model(self):
         self.use("actor")
-        return self.shared_u.peft
+        return self.module.peft
 
     def logits(self, r: Rollout):
         self.use("actor")
-        return response_logits(self.shared_u.peft, r)
+        return response_logits(self.module.peft, r)
 
     def ref_logits(self, r: Rollout):
-        with self.shared_u.peft.disable_adapter():
-            return response_logits(self.shared_u.peft, r)
+        with self.module.peft.disable_adapter():
+            return response_logits(self.module.peft, r)
 
     def values(self, r: Rollout):
         ids, mask, pos = model_inputs(r.prompt_ids, r.prompt_mask, r.response_ids, r.response_mask)
         self.use("critic")
-        return _values_at_responses(self.shared_u.value_head(self.hidden(ids, mask, pos)).squeeze(-1).float(), r)
+        return _values_at_responses(self.module.value_head(self.hidden(ids, mask, pos)).squeeze(-1).float(), r)
 
     def train_forward(self, u: Rollout):
         ids, mask, pos = model_inputs(u.prompt_ids, u.prompt_mask, u.response_ids, u.response_mask)
@@ -445,25 +442,32 @@ class SharedRoles(Roles):
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         h = self.hidden(ids, mask, pos)  # (B, L, H)
         last = (torch.arange(mask.shape[1], device=mask.device) * mask).argmax(-1)  # (B,) last real token
-        return self.shared_u.reward_head(h[torch.arange(h.shape[0], device=h.device), last]).squeeze(-1).float()
+        return self.module.reward_head(h[torch.arange(h.shape[0], device=h.device), last]).squeeze(-1).float()
 
     # -- output ---------------------------------------------------------------------------
     def digest_models(self) -> tuple:
-        return self.shared_u.peft, self.shared_u.value_head
+        return self.module.peft, self.module.value_head
 
     def final_models(self, cfg: PPOConfig, policy_path: str, tmp: Path):
         import torch
 
-        from lifecycle.modeling import REWARD_HEAD, merge_adapter
+        from lifecycle.modeling import REWARD_HEAD, load_for_training, merge_adapter
 
-        peft = self.shared_u.peft
+        peft = self.module.peft
         peft.save_pretrained(tmp / "adapters", selected_adapters=["actor", "critic"])
         actor = merge_adapter(policy_path, str(tmp / "adapters" / "actor"))
-        critic = merge_adapter(policy_path, str(tmp / "adapters" / "critic"), head=REWARD_HEAD,
-                               pad_token_id=self.tok.pad_token_id)
+        # The critic's LoRA carries no head here (the value head lives beside it): merge it into a causal LM's
+        # backbone, then read that backbone as a one-label classifier and give it the value head.
+        conf = tmp / "adapters" / "critic" / "adapter_config.json"
+        conf.write_text(json.dumps({**json.loads(conf.read_text()), "modules_to_save": None, "task_type": "CAUSAL_LM"}))
+        merge_adapter(policy_path, str(tmp / "adapters" / "critic")).save_pretrained(tmp / "critic_backbone")
+        critic = load_for_training(str(tmp / "critic_backbone"), dataclasses.replace(cfg, lora=False, qlora=False),
+                                   head=REWARD_HEAD, pad_token_id=self.tok.pad_token_id)
         with torch.no_grad():
-            critic.score.weight.copy_(self.shared_u.value_head.weight.to(critic.score.weight.dtype))
-        extra = {"adapter": lambda d: peft.save_pretrained(d, selected_adapters=["actor"])}
+            critic.score.weight.copy_(self.module.value_head.weight.to(critic.score.weight.dtype))
+        import shutil
+
+        extra = {"adapter": lambda d: shutil.copytree(tmp / "adapters" / "actor", d, dirs_exist_ok=True)}
         return actor, critic, extra
 
 
