@@ -202,15 +202,15 @@ def check_artifact(path: str, expect: str, flag: str) -> dict:
             f"{flag} {path} has no weights (expected model.safetensors; found: {', '.join(present[:8])}); "
             f"re-run `{MAKES[expect]}`"
         )
-    for w in sorted(p.glob("*.safetensors")):
-        why = check_safetensors(w)
-        if why:
-            raise UsageError(f"{flag} {path}: {w.name} cannot be read: {why}; re-run the stage that wrote it")
     kind = (manifest or {}).get("kind") or _kind_from_config(p)
     if kind != expect:
         stage = (manifest or {}).get("stage")
         found = f"a {kind} artifact" + (f" from `llm {stage}`" if stage else "") if kind else "a model of unknown kind"
         raise UsageError(f"{flag} {path} is {found}, but a {expect} is expected; pass the directory written by `{MAKES[expect]}`")
+    for w in sorted(p.glob("*.safetensors")):
+        why = check_safetensors(w)
+        if why:
+            raise UsageError(f"{flag} {path}: {w.name} cannot be read: {why}; re-run the stage that wrote it")
     return {"path": str(p), "kind": kind, "manifest": manifest, "hub": False}
 
 

@@ -1,8 +1,12 @@
 """Train the byte-level BPE tokenizer that `llm pretrain` ships with the model.
 
 Digits are split one per token before BPE (as Llama's tokenizer does): merged
-multi-digit tokens make arithmetic much harder for a small model. The special
-tokens and the chat template are fixed here so every stage agrees on them.
+multi-digit tokens make arithmetic much harder for a small model. A space before
+a number stays attached to its first digit (" 135" -> "Ġ1" "3" "5"), so a number
+costs no extra token. The chat template puts a space between each role marker and
+the content, so an answer after "<|assistant|>" is tokenized exactly like a number
+in running text. The special tokens and the chat template are fixed here so every
+stage agrees on them.
 """
 
 from __future__ import annotations
@@ -18,9 +22,9 @@ SPECIAL_TOKENS = [EOS, PAD, "<|system|>", "<|user|>", "<|assistant|>"]
 # the loss on them only.
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
-    "{% if message['role'] == 'system' %}<|system|>{{ message['content'] }}"
-    "{% elif message['role'] == 'user' %}<|user|>{{ message['content'] }}"
-    "{% elif message['role'] == 'assistant' %}<|assistant|>{% generation %}{{ message['content'] }}<|endoftext|>{% endgeneration %}"
+    "{% if message['role'] == 'system' %}<|system|> {{ message['content'] }}"
+    "{% elif message['role'] == 'user' %}<|user|> {{ message['content'] }}"
+    "{% elif message['role'] == 'assistant' %}<|assistant|>{% generation %} {{ message['content'] }}<|endoftext|>{% endgeneration %}"
     "{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
@@ -29,12 +33,12 @@ CHAT_TEMPLATE = (
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int):
     """Train a byte-level BPE on `texts`; returns a transformers PreTrainedTokenizerFast."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+        [pre_tokenizers.Split(Regex(r" ?[0-9]"), behavior="isolated"), pre_tokenizers.ByteLevel(add_prefix_space=False)]
     )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(

@@ -135,21 +135,19 @@ def run(cfg: PretrainConfig) -> Path:
     # -- 1. corpus (read above) ---------------------------------------------------
     say(f"corpus: {about}")
 
-    # -- 2. tokenizer (trained once by the main process, saved with the checkpoints) --
+    # -- 2. tokenizer --------------------------------------------------------------
+    # Every rank trains (or loads) it, so that a check below fails on all ranks alike
+    # instead of leaving the others waiting at a barrier; BPE training is deterministic,
+    # and a hash comparison across ranks makes sure. Nothing is written before the checks.
     if ck is not None:
         tokenizer = load_tokenizer(str(tok_dir))
+    elif cfg.tokenizer:
+        tokenizer = load_tokenizer(cfg.tokenizer)
     else:
-        if acc.is_main_process:
-            if cfg.tokenizer:
-                tokenizer = load_tokenizer(cfg.tokenizer)
-            else:
-                t0 = time.perf_counter()
-                tokenizer = train_tokenizer(train_docs, cfg.vocab_size)
-                say(f"tokenizer: byte-level BPE, {len(tokenizer)} tokens, trained in {time.perf_counter() - t0:.1f}s")
-            tok_dir.mkdir(parents=True, exist_ok=True)
-            tokenizer.save_pretrained(tok_dir)
-        acc.wait_for_everyone()
-        tokenizer = load_tokenizer(str(tok_dir))
+        t0 = time.perf_counter()
+        tokenizer = train_tokenizer(train_docs, cfg.vocab_size)
+        say(f"tokenizer: byte-level BPE, {len(tokenizer)} tokens, trained in {time.perf_counter() - t0:.1f}s")
+    _same_on_all_ranks(acc, tokenizer.backend_tokenizer.to_str())
 
     # -- 3. pack -------------------------------------------------------------
     t0 = time.perf_counter()
@@ -174,6 +172,9 @@ def run(cfg: PretrainConfig) -> Path:
     if cfg.seq_len > context_length(mconf):
         raise UsageError(f"seq_len={cfg.seq_len} exceeds the model's context of {context_length(mconf)} positions; lower seq_len or pick a larger model")
     _check_memory(cfg, mconf, acc)
+    if ck is None and acc.is_main_process:  # all checks passed: now the run may write
+        tok_dir.mkdir(parents=True, exist_ok=True)
+        tokenizer.save_pretrained(tok_dir)
     torch.manual_seed(cfg.seed)
     model = build_model(mconf)
     if cfg.gradient_checkpointing:
@@ -337,6 +338,19 @@ def run(cfg: PretrainConfig) -> Path:
     acc.wait_for_everyone()
     acc.end_training()
     return out
+
+
+def _same_on_all_ranks(acc, text: str) -> None:
+    """Fail loudly if ranks disagree (e.g. tokenizers trained differently)."""
+    if acc.num_processes == 1:
+        return
+    import hashlib
+
+    import torch.distributed as dist
+
+    digests = [None] * acc.num_processes
+    dist.all_gather_object(digests, hashlib.sha256(text.encode()).hexdigest())
+    assert len(set(digests)) == 1, "ranks built different tokenizers; pass --tokenizer to share one"
 
 
 class _nullcontext:
