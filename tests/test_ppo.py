@@ -212,6 +212,36 @@ def test_stage_lora_shared_base_artifact_and_resume(tiny_base, tiny_lora_reward,
     assert json.loads((out / "lifecycle.json").read_text())["metrics"]["iterations"] == 3
 
 
+def test_different_tokenizers_hand_over_through_text(tiny_base, toy, tmp_path, capsys):
+    """A reward model with another tokenizer scores decoded text; the critic then starts from the policy."""
+    from lifecycle.stages import ppo
+
+    out = tmp_path / "text"
+    ppo.run(build_config(PPOConfig, None, dict(policy=str(tiny_base), reward=str(toy["reward"]), out=str(out),
+                                               max_steps=1, **SMALL)))
+    text = capsys.readouterr().out
+    assert "different tokenizers" in text and "starts from the policy" in text
+    m = json.loads((out / "lifecycle.json").read_text())
+    assert m["critic_init"] == str(Path(tiny_base)) and isinstance(m["metrics"]["score"], float)
+
+
+def test_strict_gate_refuses_and_watchdog_stops(tiny_base, tiny_tokenizer, tmp_path_factory, toy, tmp_path):
+    from lifecycle.errors import Interrupted, UsageError
+    from lifecycle.stages import ppo
+
+    weak = _save_classifier(tmp_path_factory, tiny_tokenizer, "weak_reward", metrics={"eval_accuracy": 0.55})
+    with pytest.raises(UsageError, match="quality gate.*0.550 < 0.7"):
+        ppo.run(build_config(PPOConfig, None, dict(policy=str(tiny_base), reward=str(weak), out=str(tmp_path / "g"),
+                                                   strict=True, max_steps=1, **SMALL)))
+    # An untrained policy never emits EOS: the watchdog's EOS alarm stops the run with a checkpoint.
+    out = tmp_path / "w"
+    with pytest.raises(Interrupted, match="watchdog \\(eos_rate\\) at iteration 1"):
+        ppo.run(build_config(PPOConfig, None, dict(policy=str(toy["policy"]), reward=str(toy["reward"]), out=str(out),
+                                                   stop_on_collapse=True, max_steps=5, **SMALL)))
+    assert (out / "checkpoints" / "step-000001" / "state.json").is_file()
+    assert not (out / "lifecycle.json").exists()
+
+
 def test_explain_prints_the_batch_hierarchy(tiny_base, tiny_reward, tmp_path, capsys):
     from lifecycle.stages import ppo
 
@@ -291,3 +321,29 @@ def test_two_processes_hold_identical_weights(tiny_base, tiny_reward, tmp_path):
     assert d0["actor"] == d1["actor"] and d0["critic"] == d1["critic"]
     assert d0["actor"] != weights_digest(load_causal_lm(str(tiny_base)))  # and they did train
     assert (out / "lifecycle.json").is_file() and (out / "critic" / "model.safetensors").is_file()
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_base, tiny_reward, tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "term"
+    sets = [f"{k}={v}" for k, v in {**SMALL, "eval_every": 1000}.items()]
+    cmd = [sys.executable, "-m", "lifecycle", "ppo", "--policy", str(tiny_base), "--reward", str(tiny_reward),
+           "--out", str(out), "--max-steps", "1000"]
+    for s in sets:
+        cmd += ["--set", s]
+    p = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and p.poll() is None:
+        log = out / "log.jsonl"
+        if log.is_file() and any('"score_mean"' in ln for ln in log.read_text().splitlines()):
+            break
+        time.sleep(0.2)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err[-2000:]
+    assert "Traceback" not in err and "checkpoint saved" in err
+    cks = sorted((out / "checkpoints").glob("step-*"))
+    assert cks and (cks[-1] / "state.json").is_file()
+    assert not (out / "lifecycle.json").exists()  # no artifact from an interrupted run
