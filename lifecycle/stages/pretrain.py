@@ -93,9 +93,11 @@ def _load_corpus(cfg: PretrainConfig) -> tuple[list[str], list[str], str]:
 
 
 def _preflight(cfg: PretrainConfig) -> Path | None:
-    """Checks that need no weights: output path, resume checkpoint. Returns the checkpoint to resume."""
+    """Checks that need no weights: output path, tracker, resume checkpoint. Returns the checkpoint to resume."""
+    from lifecycle.finetune import check_tracker
     from lifecycle.training import require_checkpoint
 
+    check_tracker(cfg)
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {cfg.out} is a file; give a directory path")
