@@ -705,6 +705,7 @@ def run(cfg: PPOConfig, score_fn: ScoreFn | None = None) -> Path | None:
     # -- 0. check inputs, before any weights load ------------------------------------------
     from lifecycle import training
 
+    t_wall = time.perf_counter()
     out = Path(cfg.out)
     ck = training.require_checkpoint(out) if cfg.resume else None
     inputs = check_inputs(cfg)
@@ -754,7 +755,7 @@ def run(cfg: PPOConfig, score_fn: ScoreFn | None = None) -> Path | None:
     opt_actor, opt_critic = roles.prepare(acc, opt_actor, opt_critic)
     set_seed(cfg.seed, device_specific=True)  # each process samples different responses
 
-    eos, pad = tok.eos_token_id, tok.pad_token_id
+    pad = tok.pad_token_id
     train_prompts = render_prompts(tok, inputs["train"])
     eval_prompts = render_prompts(tok, inputs["eval"])
     raw_train, raw_eval = inputs["train"], inputs["eval"]
@@ -811,7 +812,7 @@ def run(cfg: PPOConfig, score_fn: ScoreFn | None = None) -> Path | None:
         idx = list(range(rank, len(eval_prompts), W))
         prompts = [eval_prompts[i] for i in idx]
         raw = [raw_eval[i] for i in idx]
-        sums = torch.zeros(6, device=acc.device)  # score, gold, n, kl, length, ended
+        sums = torch.zeros(8, device=acc.device)  # score, gold, n, kl, length, ended, gold on carry problems, carry problems
         if prompts:
             greedy = generate(prompts, greedy=True)
             r = partial_rollout(raw, prompts, greedy)
@@ -819,7 +820,9 @@ def run(cfg: PPOConfig, score_fn: ScoreFn | None = None) -> Path | None:
             if problems is not None:
                 from lifecycle.data import world
 
-                sums[1] = sum(world.gold_check(problems[i].question, s.text, s.ended) for i, s in zip(idx, greedy))
+                right = [world.gold_check(problems[i].question, s.text, s.ended) for i, s in zip(idx, greedy)]
+                carry = [problems[i].has_carry for i in idx]
+                sums[1], sums[6], sums[7] = sum(right), sum(r and c for r, c in zip(right, carry)), sum(carry)
             sums[2] = len(prompts)
             sums[4] = r.response_mask.sum()
             sums[5] = r.ended.float().sum()
@@ -835,6 +838,8 @@ def run(cfg: PPOConfig, score_fn: ScoreFn | None = None) -> Path | None:
                "eval_length": (sums[4] / n).item(), "eval_eos_rate": (sums[5] / n).item()}
         if problems is not None:
             res["eval_gold_accuracy"] = (sums[1] / n).item()
+            res["eval_gold_accuracy_carry"] = (sums[6] / sums[7].clamp(min=1)).item()
+            res["eval_gold_accuracy_nocarry"] = ((sums[1] - sums[6]) / (n - sums[7]).clamp(min=1)).item()
         return res
 
     # -- 0f. the reward-model quality gate ----------------------------------------------------
@@ -976,8 +981,7 @@ def run(cfg: PPOConfig, score_fn: ScoreFn | None = None) -> Path | None:
                                      ("approx_kl", st["approx_kl"]), ("vf_clipfrac", vst["vf_clipfrac"])):
                             mb_stats[k] += x.detach() * w
                     # Early stop on approximate KL, agreed by all processes (the step is skipped, as in SB3's PPO).
-                    akl = acc.reduce(mb_stats["approx_kl"].clone(), reduction="mean")
-                    if cfg.target_kl > 0 and akl.item() > cfg.target_kl:
+                    if cfg.target_kl > 0 and acc.reduce(mb_stats["approx_kl"].clone(), reduction="mean").item() > cfg.target_kl:
                         opt_actor.zero_grad(set_to_none=True)
                         opt_critic.zero_grad(set_to_none=True)
                         stopped_early = True
@@ -1067,6 +1071,10 @@ def run(cfg: PPOConfig, score_fn: ScoreFn | None = None) -> Path | None:
     if "eval_gold_accuracy" in initial:
         metrics["gold_accuracy_initial"] = initial["eval_gold_accuracy"]
         metrics["gold_accuracy"] = final["eval_gold_accuracy"]
+        for k in ("carry", "nocarry"):
+            metrics[f"gold_accuracy_{k}_initial"] = initial.get(f"eval_gold_accuracy_{k}")
+            metrics[f"gold_accuracy_{k}"] = final.get(f"eval_gold_accuracy_{k}")
+    metrics["wall_seconds"] = time.perf_counter() - t_wall
     acc.wait_for_everyone()
     if acc.is_main_process:
         _write_artifact(cfg, inputs, roles, metrics, dog, out)
