@@ -61,6 +61,22 @@ def check_resume(cfg: Any) -> bool:
     return bool(cfg.resume)
 
 
+def mode_name(cfg: Any) -> str:
+    """full | lora | dora | qlora | qdora (QLoRA with DoRA adapters)."""
+    if not cfg.use_peft:
+        return "full"
+    return ("q" if cfg.qlora else "") + ("dora" if cfg.dora else "lora")
+
+
+def check_tracker(cfg: Any) -> None:
+    """--report-to needs its package; say so before any weights are loaded."""
+    import importlib.util
+
+    if cfg.report_to != "none" and importlib.util.find_spec(cfg.report_to) is None:
+        raise UsageError(f"--report-to {cfg.report_to} needs the {cfg.report_to} package, which is not installed; "
+                         f"pip install 'llm-lifecycle[{cfg.report_to}]' or drop --report-to")
+
+
 # ---------------------------------------------------------------------------
 # Trainer arguments
 # ---------------------------------------------------------------------------

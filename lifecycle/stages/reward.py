@@ -85,6 +85,7 @@ def run(cfg: RewardConfig) -> Path:
     info = artifacts.check_artifact(cfg.base, artifacts.CAUSAL_LM, "--base")
     init = artifacts.check_artifact(cfg.init_from, artifacts.CAUSAL_LM, "--init-from") if cfg.init_from else info
     resuming = finetune.check_resume(cfg)
+    finetune.check_tracker(cfg)
     builtin = not cfg.data
     train_pairs, eval_pairs = ([], []) if builtin else user_pairs(cfg)
 
@@ -123,7 +124,7 @@ def run(cfg: RewardConfig) -> Path:
     torch.manual_seed(cfg.seed)
     model = load_for_training(init["path"], cfg, head=REWARD_HEAD, pad_token_id=tokenizer.pad_token_id,
                               gradient_checkpointing=cfg.gradient_checkpointing)
-    mode = "qlora" if cfg.qlora else "dora" if cfg.dora else "lora" if cfg.lora else "full"
+    mode = finetune.mode_name(cfg)
     say(f"reward: {mode} training of a reward model on {cfg.init_from or cfg.base}: {describe_trainable(model)}")
     trainable, total = count_params(model)
 

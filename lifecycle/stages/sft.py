@@ -82,6 +82,7 @@ def run(cfg: SFTConfig) -> Path:
     # 1. Inputs ------------------------------------------------------------
     info = artifacts.check_artifact(cfg.base, artifacts.CAUSAL_LM, "--base")
     resuming = finetune.check_resume(cfg)
+    finetune.check_tracker(cfg)
     shape, train_rows, eval_rows = load_rows(cfg)
     builtin = not cfg.data
     say(f"sft: {len(train_rows)} training rows ({shape}{', built-in world' if builtin else ''}), {len(eval_rows)} held out")
@@ -113,7 +114,7 @@ def run(cfg: SFTConfig) -> Path:
     # 3. Model -------------------------------------------------------------
     torch.manual_seed(cfg.seed)
     model = load_for_training(info["path"], cfg, head=CAUSAL_HEAD, gradient_checkpointing=cfg.gradient_checkpointing)
-    mode = "qlora" if cfg.qlora else "dora" if cfg.dora else "lora" if cfg.lora else "full"
+    mode = finetune.mode_name(cfg)
     say(f"sft: {mode} fine-tuning of {cfg.base}: {describe_trainable(model)}")
     trainable, total = count_params(model)
 
