@@ -30,9 +30,12 @@ def encode(tokenizer, prompts: Sequence, responses: Sequence, max_length: int | 
     * conversational (either side a list of messages): the chat template renders
       prompt messages + response (a string becomes one assistant message);
     * plain strings: prompt + response + EOS (unless the response already ends
-      with it), tokenized as text. A rendered chat prompt (a string from
-      `generate.render_prompts`) plus the generated text lands here and gives
-      the same ids as the conversational form.
+      with it), tokenized as text, exactly as given. A rendered chat prompt (a
+      string from `generate.render_prompts`) plus the text the model generated
+      after it lands here and gives the same ids as the conversational form.
+
+    A string response wrapped into an assistant message is stripped of
+    surrounding whitespace, since chat templates add their own.
 
     Sequences longer than `max_length` keep their last `max_length` tokens: the
     score is read at the end, so the end must survive.
@@ -44,7 +47,7 @@ def encode(tokenizer, prompts: Sequence, responses: Sequence, max_length: int | 
     for prompt, response in zip(prompts, responses):
         if _is_chat(prompt) or _is_chat(response):
             msgs = (prompt if _is_chat(prompt) else ([{"role": "user", "content": prompt}] if prompt else []))
-            msgs = msgs + (response if _is_chat(response) else [{"role": "assistant", "content": response}])
+            msgs = msgs + (response if _is_chat(response) else [{"role": "assistant", "content": response.strip()}])
             ids = tokenizer.apply_chat_template(msgs, tokenize=True, return_dict=True)["input_ids"]
         else:
             text = (prompt or "") + response

@@ -99,7 +99,7 @@ def test_reward_adapters_count_and_load_in_stock_peft(rm_run, tiny_base, tiny_to
     assert m["total_params"] == BASE_PARAMS + HEAD_PARAMS + lora + HEAD_PARAMS
     assert "eval_accuracy" in m
 
-    ids = tiny_tokenizer(["<|user|>what is 1 plus 2 ?<|assistant|>3<|endoftext|>"], return_tensors="pt")["input_ids"]
+    ids = tiny_tokenizer(["<|user|> what is 1 plus 2 ?<|assistant|> 3<|endoftext|>"], return_tensors="pt")["input_ids"]
     base = AutoModelForSequenceClassification.from_pretrained(tiny_base, num_labels=1)
     stock = PeftModel.from_pretrained(base, out / "adapter").eval()
     ours = AutoModelForSequenceClassification.from_pretrained(out).eval()
@@ -113,8 +113,10 @@ def test_score_is_the_same_for_left_and_right_padding(rm_run, tiny_tokenizer):
     from lifecycle.reward_model import encode, load_reward_model, score
 
     model = load_reward_model(str(rm_run("full")))
-    prompts = [[{"role": "user", "content": "what is 48 plus 87 ?"}], "<|user|>what is 1 plus 2 ?<|assistant|>", ""]
-    responses = ["135", "3", "a longer plain text response without a prompt"]
+    rendered = tiny_tokenizer.apply_chat_template([{"role": "user", "content": "what is 1 plus 2 ?"}], tokenize=False,
+                                                  add_generation_prompt=True)
+    prompts = [[{"role": "user", "content": "what is 48 plus 87 ?"}], rendered, ""]
+    responses = [" 135", " 3", "a longer plain text response without a prompt"]  # generated text keeps its space
     right = score(model, tiny_tokenizer, prompts, responses)
     tiny_tokenizer.padding_side = "left"
     try:

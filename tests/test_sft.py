@@ -23,7 +23,9 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 #   down            64 -> 32: 8 * 96 = 768             768
 #                                       per layer    4,096  x 2 layers = 8,192
 # DoRA adds one magnitude per output feature: 32+16+16+32+64+64+32 = 256 per layer.
-BASE_PARAMS = 28_160  # embeddings 300*32 (tied) + 2 layers + final norm, as count_params reports
+# The base itself: embeddings 300 x 32 (tied to the output) + per layer q 1,024, k 512, v 512, o 1,024,
+# gate/up/down 2,048 each, two norms 64 (= 9,280) + the final norm 32.
+BASE_PARAMS = 300 * 32 + 2 * 9_280 + 32  # 28,192
 LORA_PARAMS = 8_192
 DORA_EXTRA = 512
 
@@ -69,7 +71,7 @@ def manifest(path: Path) -> dict:
     return json.loads((Path(path) / "lifecycle.json").read_text())
 
 
-def test_full_finetune_writes_a_complete_artifact(sft_run, tiny_base):
+def test_full_finetune_writes_a_complete_artifact(sft_run, tiny_base, tiny_tokenizer):
     import torch
     from safetensors.torch import load_file
 
@@ -82,6 +84,7 @@ def test_full_finetune_writes_a_complete_artifact(sft_run, tiny_base):
     assert m["parent"]["path"] == str(Path(tiny_base).resolve()) and m["parent"]["digest"]
     for key in ("eval_loss", "gold_accuracy", "gold_accuracy_initial", "gold_accuracy_carry", "gold_accuracy_nocarry"):
         assert key in m["metrics"], key
+    assert len(tiny_tokenizer) == 300  # the vocabulary the hand count above assumes
     assert m["metrics"]["trainable_params"] == m["metrics"]["total_params"] == BASE_PARAMS
     before, after = load_file(Path(tiny_base) / "model.safetensors"), load_file(out / "model.safetensors")
     assert any(not torch.equal(before[k], after[k]) for k in before), "no weight changed"

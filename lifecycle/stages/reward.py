@@ -53,7 +53,8 @@ def world_pairs(cfg: RewardConfig, base_path: str, tokenizer) -> tuple[list[dict
         samples = generate_batch(policy, tokenizer, [q for q in prompts for _ in range(k)], max_new_tokens=6,
                                  temperature=cfg.sample_temperature, generator_seed=seed)
         # Samples cut off by the length limit never ended; they are neither a fair chosen nor rejected.
-        texts = [[s.text for s in samples[i * k:(i + 1) * k] if s.ended] for i in range(len(problems))]
+        # Strip the decoded text: the chat template puts its own space before the content.
+        texts = [[s.text.strip() for s in samples[i * k:(i + 1) * k] if s.ended] for i in range(len(problems))]
         right = sum(world.gold_check(problems[i // k].question, s.text, s.ended) for i, s in enumerate(samples))
         return world.preference_pairs(problems, seed=seed, samples=texts), right / max(len(samples), 1)
 
