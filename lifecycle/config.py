@@ -304,6 +304,7 @@ class PPOConfig(PeftCommon, TrainCommon):
     # --- prompts ---
     prompts: str = opt("", "Prompt file (.jsonl/.json/.csv/.parquet/.txt) or datasets hub id; empty = the built-in world's training problems.")
     prompt_column: str = opt("prompt", "Column with the prompt: a string, or a list of chat messages (rendered with the policy's chat template).")
+    chat_template: bool = opt(True, "Treat plain-string prompts as a user turn, so the policy's chat template applies (false: use them as raw text).")
     world_prompts: int = opt(4000, "Built-in world: number of training prompts to draw rollouts from.")
     eval_prompts: int = opt(500, "Held-out prompts for evaluation (built-in world: its held-out problems; user prompts: the last ones, kept out of training).")
     # --- rollouts ---

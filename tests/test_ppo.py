@@ -217,12 +217,16 @@ def test_different_tokenizers_hand_over_through_text(tiny_base, toy, tmp_path, c
     from lifecycle.stages import ppo
 
     out = tmp_path / "text"
+    prompts = tmp_path / "prompts.jsonl"  # the user's own prompts (plain strings); world questions, so gold applies
+    prompts.write_text("".join(json.dumps({"prompt": f"what is {a} plus {a + 3} ?"}) + "\n" for a in range(20)))
     ppo.run(build_config(PPOConfig, None, dict(policy=str(tiny_base), reward=str(toy["reward"]), out=str(out),
-                                               max_steps=1, **SMALL)))
+                                               prompts=str(prompts), max_steps=1, **SMALL)))
     text = capsys.readouterr().out
     assert "different tokenizers" in text and "starts from the policy" in text
+    assert "18 training prompts, 2 held out" in text
     m = json.loads((out / "lifecycle.json").read_text())
     assert m["critic_init"] == str(Path(tiny_base)) and isinstance(m["metrics"]["score"], float)
+    assert "gold_accuracy" in m["metrics"]
 
 
 def test_strict_gate_refuses_and_watchdog_stops(tiny_base, tiny_tokenizer, tmp_path_factory, toy, tmp_path):

@@ -756,6 +756,9 @@ def run(cfg: PPOConfig, score_fn: ScoreFn | None = None) -> Path | None:
     set_seed(cfg.seed, device_specific=True)  # each process samples different responses
 
     pad = tok.pad_token_id
+    if cfg.chat_template and tok.chat_template:  # plain strings become a user turn, as `llm sft` trains them
+        for k in ("train", "eval"):
+            inputs[k] = [[{"role": "user", "content": p}] if isinstance(p, str) else p for p in inputs[k]]
     train_prompts = render_prompts(tok, inputs["train"])
     eval_prompts = render_prompts(tok, inputs["eval"])
     raw_train, raw_eval = inputs["train"], inputs["eval"]
