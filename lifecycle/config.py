@@ -342,8 +342,8 @@ class PPOConfig(PeftCommon, TrainCommon):
     # --- guards ---
     strict: bool = opt(False, "Refuse to start when the reward-model quality gate fails (default: warn).")
     gate_min_accuracy: float = opt(0.7, "Quality gate: lowest acceptable held-out pairwise accuracy (the reward manifest's eval_accuracy).")
-    gate_max_length_corr: float = opt(0.5, "Quality gate: highest acceptable |correlation| of the RM score with response length on sampled responses.")
-    gate_samples: int = opt(256, "Quality gate: responses sampled to measure the length correlation.")
+    gate_max_length_corr: float = opt(0.5, "Quality gate: highest acceptable |correlation| of the RM score with response length, measured between two sampled responses to the same prompt (score difference vs length difference).")
+    gate_samples: int = opt(256, "Quality gate: responses sampled (two per prompt) to measure the length correlation.")
     stop_on_collapse: bool = opt(False, "When the watchdog raises an alarm, save a checkpoint and stop (default: warn and go on).")
     watch_negative_kl: float = opt(0.2, "Watchdog: alarm when the batch's mean KL to the reference falls below minus this (nats).")
     watch_length_drift: float = opt(0.5, "Watchdog: alarm when mean response length moves more than this fraction from the first rollout's.")

@@ -849,30 +849,38 @@ def run(cfg: PPOConfig, score_fn: ScoreFn | None = None) -> Path | None:
     if ck is None and score_fn is None:
         rm_manifest = inputs["reward"].get("manifest") or {}
         rm_acc = (rm_manifest.get("metrics") or {}).get("eval_accuracy")
-        n_gate = max(1, cfg.gate_samples // W)
+        # Two sampled responses per prompt; the length bias is measured within each prompt's pair (score
+        # difference against length difference), so prompts whose answers are simply longer do not count.
+        n_gate = max(1, cfg.gate_samples // (2 * W))
         gate_idx = batch_indices(0, n_gate * W, len(train_prompts), cfg.seed + 1)[rank * n_gate : (rank + 1) * n_gate]
+        gate_idx = gate_idx + gate_idx
         gp = [train_prompts[i] for i in gate_idx]
         with torch.no_grad():
             gs = generate(gp)
             gr = partial_rollout([raw_train[i] for i in gate_idx], gp, gs)
             sc = rm_scores([raw_train[i] for i in gate_idx], gp, gs, gr)
-        both = acc.gather(torch.stack([sc, gr.response_mask.sum(1)], 1)).cpu()
-        corr = rl.pearson(both[:, 0].tolist(), both[:, 1].tolist())
+        ln = gr.response_mask.sum(1)
+        pairs = torch.stack([sc[:n_gate], sc[n_gate:], ln[:n_gate], ln[n_gate:]], 1)  # (n, 4) per prompt
+        both = acc.gather(pairs).cpu()
+        corr_all = rl.pearson(both[:, :2].flatten().tolist(), both[:, 2:].flatten().tolist())
+        corr = rl.pearson((both[:, 0] - both[:, 1]).tolist(), (both[:, 2] - both[:, 3]).tolist())
         problems_found = []
         if rm_acc is None:
             say("reward-model gate: its manifest records no eval_accuracy; its quality is unknown")
         elif rm_acc < cfg.gate_min_accuracy:
             problems_found.append(f"held-out pairwise accuracy {rm_acc:.3f} < {cfg.gate_min_accuracy}")
         if abs(corr) > cfg.gate_max_length_corr:
-            problems_found.append(f"its score correlates with response length (r = {corr:+.2f}, limit ±{cfg.gate_max_length_corr})")
+            problems_found.append(f"between two responses to the same prompt its score follows their length "
+                                  f"(r = {corr:+.2f}, limit ±{cfg.gate_max_length_corr})")
         acc_txt = f"{rm_acc:.3f}" if rm_acc is not None else "unknown"
-        say(f"reward-model gate: pairwise accuracy {acc_txt}, score-length correlation {corr:+.2f} on {len(both)} samples")
+        say(f"reward-model gate: pairwise accuracy {acc_txt}; score-length correlation {corr:+.2f} within prompts "
+            f"({corr_all:+.2f} over all {2 * len(both)} samples)")
         if problems_found:
             msg = "reward-model quality gate: " + "; ".join(problems_found)
             if cfg.strict:
                 raise UsageError(msg + "; train a better reward model, or drop --strict to go on anyway")
             say("warning: " + msg + " (PPO may learn to exploit it; --strict refuses)")
-        gate = {"rm_eval_accuracy": rm_acc, "rm_length_corr": corr}
+        gate = {"rm_eval_accuracy": rm_acc, "rm_length_corr": corr, "rm_length_corr_all": corr_all}
     else:
         gate = {}
 
