@@ -121,20 +121,20 @@ class PretrainConfig(TrainCommon):
     gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.")
     compile: bool = opt(False, "torch.compile the model.")
     # --- optimisation ---
-    batch_size: int = opt(64, "Blocks per micro-batch per process.")
+    batch_size: int = opt(32, "Blocks per micro-batch per process.")
     grad_accum: int = opt(1, "Micro-batches accumulated into one optimizer step.")
-    steps: int = opt(1200, "Optimizer steps of the recipe (overridden by --max-steps).")
+    steps: int = opt(2000, "Optimizer steps of the recipe (overridden by --max-steps).")
     lr: float = opt(3e-3, "Peak learning rate.")
     min_lr: float = opt(3e-4, "Learning rate at the end of the cosine decay.")
-    warmup_steps: int = opt(60, "Linear warmup steps from 0 to lr.")
+    warmup_steps: int = opt(100, "Linear warmup steps from 0 to lr.")
     weight_decay: float = opt(0.1, "AdamW weight decay, applied to matrices only (not norms, biases).")
     beta1: float = opt(0.9, "AdamW beta1.")
     beta2: float = opt(0.95, "AdamW beta2.")
     grad_clip: float = opt(1.0, "Clip the global gradient norm to this value (0 disables).")
     # --- evaluation ---
-    eval_every: int = opt(200, "Evaluate held-out loss every N steps.")
+    eval_every: int = opt(400, "Evaluate held-out loss every N steps.")
     eval_batches: int = opt(16, "Micro-batches of held-out blocks per evaluation.")
-    sample_prompt: str = opt("48 plus 87 equals", "Prompt for the greedy sample printed at each evaluation.")
+    sample_prompt: str = opt("the sum of 48 and 87 is", "Prompt for the greedy sample printed at each evaluation.")
 
     def validate(self) -> list[str]:
         p = self._common_problems()

@@ -214,13 +214,19 @@ def run(cfg: PretrainConfig) -> Path:
         return (losses[0] / losses[1]).item()
 
     def completion_accuracy() -> float | None:
-        """Built-in world only: share of held-out "A plus B equals" completed with the right sum."""
+        """Built-in world only: share of held-out sums completed correctly by greedy decoding.
+
+        Each held-out problem is posed in one of the four templates after one context
+        sentence, as sums appear in the corpus (mid-document, the number's leading space
+        on its first digit), e.g. "add 12 and 30 to get 42 . 48 plus 87 equals" -> " 135".
+        """
         if cfg.data:
             return None
         from lifecycle.data import world as w
 
         probs = w.heldout_problems()
-        prompts = [f"{p.a} plus {p.b} equals" for p in probs]
+        context = "add 12 and 30 to get 42 . "
+        prompts = [context + w.TEMPLATES[i % 4].split(" {c}")[0].format(a=p.a, b=p.b) for i, p in enumerate(probs)]
         outs = generate_batch(acc.unwrap_model(model), tokenizer, prompts, max_new_tokens=5)
         return sum(o.text.split()[:1] == [str(p.answer)] for p, o in zip(probs, outs)) / len(probs)
 
@@ -295,8 +301,11 @@ def run(cfg: PretrainConfig) -> Path:
             if step % cfg.eval_every == 0 or step == total:
                 eval_loss = evaluate()
                 sample = sample_text() if acc.is_main_process else ""
-                say(f"step {step}: held-out loss {eval_loss:.4f} (ppl {math.exp(eval_loss):.2f}) | sample: {sample!r}")
-                log.log(step, eval_loss=eval_loss, eval_ppl=math.exp(eval_loss), sample=sample)
+                correct = completion_accuracy() if acc.is_main_process else None
+                shown = f" | held-out sums right {100 * correct:.1f}%" if correct is not None else ""
+                say(f"step {step}: held-out loss {eval_loss:.4f} (ppl {math.exp(eval_loss):.2f}){shown} | sample: {sample!r}")
+                log.log(step, eval_loss=eval_loss, eval_ppl=math.exp(eval_loss), sample=sample,
+                        **({"heldout_completion_accuracy": correct} if correct is not None else {}))
             ck_state = {"tokens_seen": tokens_seen, "eval_loss_initial": eval_initial, "train_seconds": train_time}
             if stop.requested:
                 path = training.save_checkpoint(acc, out, step, ck_state, cfg.keep_checkpoints)
@@ -308,7 +317,7 @@ def run(cfg: PretrainConfig) -> Path:
     if step == start:  # resumed from the final checkpoint: nothing left to train, measure afresh
         eval_loss = evaluate()
     elapsed = time.perf_counter() - t_start
-    acc_final = completion_accuracy() if acc.is_main_process else None
+    acc_final = completion_accuracy() if acc.is_main_process else None  # measured once more, after any resume
     metrics = {
         "eval_loss_initial": eval_initial,
         "eval_loss": eval_loss,
