@@ -115,6 +115,9 @@ def run(cfg: PretrainConfig) -> Path:
     ck = _preflight(cfg)
     train_docs, eval_docs, about = _load_corpus(cfg)  # bad data fails here, before torch is imported
     import torch
+
+    if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise UsageError("mixed_precision=fp16 needs a CUDA GPU (loss scaling); on CPU use bf16 or no")
     from accelerate.utils import set_seed
 
     from lifecycle import artifacts, training
