@@ -61,6 +61,14 @@ def check_resume(cfg: Any) -> bool:
     return bool(cfg.resume)
 
 
+def set_threads(cfg: Any) -> None:
+    """Apply cpu_threads on a machine without CUDA (0 keeps torch's one thread per core)."""
+    import torch
+
+    if cfg.cpu_threads > 0 and not torch.cuda.is_available():
+        torch.set_num_threads(cfg.cpu_threads)
+
+
 def mode_name(cfg: Any) -> str:
     """full | lora | dora | qlora | qdora (QLoRA with DoRA adapters)."""
     if not cfg.use_peft:

@@ -92,6 +92,7 @@ def run(cfg: RewardConfig) -> Path:
 
     # 2. Pairs -------------------------------------------------------------
     finetune.quiet()
+    finetune.set_threads(cfg)
     import torch
     import trl
     from datasets import Dataset

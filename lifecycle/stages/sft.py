@@ -89,6 +89,7 @@ def run(cfg: SFTConfig) -> Path:
 
     # 2. Tokenizer ---------------------------------------------------------
     finetune.quiet()
+    finetune.set_threads(cfg)
     import torch
     import trl
     from datasets import Dataset
