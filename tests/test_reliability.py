@@ -159,3 +159,21 @@ def test_run_from_manifest_repeats_the_metrics(tmp_path):
     assert b["seed"] == 3 and b["config"]["steps"] == 4
     assert a["metrics"]["eval_loss"] == b["metrics"]["eval_loss"]
     assert (tmp_path / "again" / "report.md").is_file()
+
+
+def test_memory_preflight_refuses_unless_forced(monkeypatch, tiny_base):
+    """A run the estimator says will not fit the device is refused before loading, unless --force."""
+    from lifecycle import artifacts, finetune, memory
+    from lifecycle.config import SFTConfig
+    from lifecycle.errors import UsageError
+
+    monkeypatch.setattr(memory, "device_memory", lambda *a, **k: 1024)  # a 1 KiB "GPU"
+    info = artifacts.check_artifact(str(tiny_base), artifacts.CAUSAL_LM, "--base")
+    cfg = build_config(SFTConfig, None, {"out": "/tmp/x", "base": str(tiny_base)}, check=False)
+    with pytest.raises(UsageError, match="fit"):
+        finetune.check_memory(cfg, info, "sft")
+    cfg.force = True
+    finetune.check_memory(cfg, info, "sft")  # one warning line, no refusal
+    monkeypatch.setattr(memory, "device_memory", lambda *a, **k: 10**12)
+    cfg.force = False
+    finetune.check_memory(cfg, info, "sft")

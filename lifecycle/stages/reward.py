@@ -87,6 +87,7 @@ def run(cfg: RewardConfig) -> Path:
     init = artifacts.check_artifact(cfg.init_from, artifacts.CAUSAL_LM, "--init-from") if cfg.init_from else info
     resuming = finetune.check_resume(cfg)
     finetune.check_tracker(cfg)
+    finetune.check_memory(cfg, info, "reward")
     builtin = not cfg.data
     train_pairs, eval_pairs = ([], []) if builtin else user_pairs(cfg)
 

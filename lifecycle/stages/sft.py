@@ -83,6 +83,7 @@ def run(cfg: SFTConfig) -> Path:
     info = artifacts.check_artifact(cfg.base, artifacts.CAUSAL_LM, "--base")
     resuming = finetune.check_resume(cfg)
     finetune.check_tracker(cfg)
+    finetune.check_memory(cfg, info, "sft")
     shape, train_rows, eval_rows = load_rows(cfg)
     builtin = not cfg.data
     say(f"sft: {len(train_rows)} training rows ({shape}{', built-in world' if builtin else ''}), {len(eval_rows)} held out")
