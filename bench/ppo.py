@@ -1,7 +1,7 @@
 """PPO throughput: rollout tokens/s and update time per iteration, on the default recipe.
 
-    python bench/ppo.py                       # 12 iterations of recipes/default/ppo.yaml; writes docs/BENCHMARKS.md
-    python bench/ppo.py --iterations 6 --no-write
+    python bench/ppo.py                       # 12 iterations with 1 and with 2 threads; writes docs/BENCHMARKS.md
+    python bench/ppo.py --iterations 6 --threads 1 --no-write
     python bench/ppo.py --policy DIR --reward DIR
 
 Runs the real loop (lifecycle/stages/ppo.py) on runs/default/sft and
@@ -11,7 +11,8 @@ per-iteration timings the loop logs to OUT/log.jsonl: generation time (batched
 sampling with a KV cache), the whole rollout (generation + actor, reference,
 critic and reward-model passes, GAE) and the update (4 epochs x 2 minibatches of
 actor and critic forward/backward + AdamW). The first iteration is warm-up and is
-left out; the medians of the rest are reported.
+left out; the medians of the rest are reported. Each thread count runs in its own
+process (torch fixes its thread pool at start-up).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return f"{os.cpu_count()}-core CPU ({cpu}), no GPU, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    return f"{os.cpu_count()}-core CPU ({cpu}), no GPU, torch {torch.__version__}"
 
 
 def random_models(root: Path) -> tuple[str, str]:
@@ -77,22 +78,20 @@ def write_section(text: str, path: Path = ROOT / "docs/BENCHMARKS.md") -> None:
     path.write_text(new, encoding="utf-8")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--iterations", type=int, default=12)
-    ap.add_argument("--policy", default=str(ROOT / "runs/default/sft"))
-    ap.add_argument("--reward", default=str(ROOT / "runs/default/reward"))
-    ap.add_argument("--no-write", action="store_true")
-    args = ap.parse_args()
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+def measure(args) -> dict:
+    """One run of the loop in this process; the per-iteration medians."""
+    import torch
 
     from lifecycle.artifacts import is_complete
     from lifecycle.config import PPOConfig, build_config
     from lifecycle.stages import ppo
 
+    torch.set_num_threads(args.one_run)
     with tempfile.TemporaryDirectory() as tmp:
         if is_complete(args.policy) and is_complete(args.reward):
-            policy, reward, models = args.policy, args.reward, f"`{Path(args.policy).relative_to(ROOT) if Path(args.policy).is_relative_to(ROOT) else args.policy}` and its reward model"
+            policy, reward = args.policy, args.reward
+            rel = Path(args.policy).resolve()
+            models = f"`{rel.relative_to(ROOT) if rel.is_relative_to(ROOT) else rel}` and its reward model"
         else:
             policy, reward = random_models(Path(tmp))
             models = "untrained llama-tiny policy and reward model (runs/default/sft not found)"
@@ -100,34 +99,62 @@ def main() -> None:
         cfg = build_config(PPOConfig, str(ROOT / "recipes/default/ppo.yaml"), {
             "policy": policy, "reward": reward, "out": str(out), "max_steps": args.iterations,
             "eval_every": 10_000, "eval_prompts": 50, "save_every": 0, "log_every": 10_000})
-        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
         t0 = time.perf_counter()
         ppo.run(cfg)
         wall = time.perf_counter() - t0
         rows = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines() if x.strip()]
     its = [r for r in rows if "rollout_seconds" in r][1:]  # drop the warm-up iteration
     med = lambda k: statistics.median(r[k] for r in its)  # noqa: E731
-    gen_tps, gen_s, roll_s, upd_s = med("rollout_tokens_per_second"), med("generate_seconds"), med("rollout_seconds"), med("update_seconds")
-    tokens = statistics.median(r["response_length"] for r in its) * cfg.prompts_per_rollout
-    print(f"rollout: {gen_tps:,.0f} generated tokens/s ({gen_s:.2f} s to sample {tokens:.0f} tokens), "
-          f"whole rollout {roll_s:.2f} s | update {upd_s:.2f} s | {roll_s + upd_s:.2f} s per iteration | load avg {load:.1f}")
+    return {"threads": args.one_run, "models": models, "wall": wall, "gen_tps": med("rollout_tokens_per_second"),
+            "gen_s": med("generate_seconds"), "roll_s": med("rollout_seconds"), "upd_s": med("update_seconds"),
+            "tokens": statistics.median(r["response_length"] for r in its) * cfg.prompts_per_rollout}
+
+
+def main() -> None:
+    import subprocess
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--iterations", type=int, default=12)
+    ap.add_argument("--threads", default="1,2", help="comma-separated torch thread counts, one run each")
+    ap.add_argument("--policy", default=str(ROOT / "runs/default/sft"))
+    ap.add_argument("--reward", default=str(ROOT / "runs/default/reward"))
+    ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--one-run", type=int, default=0, help=argparse.SUPPRESS)  # internal: one measurement, JSON out
+    args = ap.parse_args()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.one_run:
+        print("RESULT " + json.dumps(measure(args)))
+        return
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    results = []
+    for n in [int(t) for t in args.threads.split(",") if t.strip()]:
+        cmd = [sys.executable, __file__, "--one-run", str(n), "--iterations", str(args.iterations),
+               "--policy", args.policy, "--reward", args.reward]
+        p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(n)})
+        line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")), None)
+        if p.returncode != 0 or line is None:
+            sys.exit(f"benchmark run with {n} thread(s) failed:\n{p.stderr[-2000:]}")
+        r = json.loads(line[len("RESULT "):])
+        results.append(r)
+        print(f"{n} thread(s): generation {r['gen_s']:.2f} s ({r['gen_tps']:,.0f} tokens/s), rollout {r['roll_s']:.2f} s, "
+              f"update {r['upd_s']:.2f} s, {r['roll_s'] + r['upd_s']:.2f} s per iteration")
     lines = [
         "## PPO: rollout and update time per iteration",
         "",
-        f"Machine: {machine()}. Command: `python bench/ppo.py --iterations {args.iterations}`.",
-        f"Models: {models}; recipe `recipes/default/ppo.yaml` (128 prompts, up to 5 new tokens, 4 epochs x 2 minibatches of 64).",
-        f"Medians over iterations 2-{args.iterations}; the machine's 1-minute load average at the start was {load:.1f}"
-        + (" (other jobs shared the cores, so these times are inflated)" if load > 1.5 else "") + ".",
+        f"Machine: {machine()}. Command: `python bench/ppo.py --iterations {args.iterations} --threads {args.threads}`.",
+        f"Models: {results[0]['models']}; recipe `recipes/default/ppo.yaml` (128 prompts, up to 5 new tokens, "
+        "4 epochs x 2 minibatches of 64). Medians over iterations 2-" + f"{args.iterations}.",
+        f"The machine's 1-minute load average at the start was {load:.1f}"
+        + (" (other jobs shared the cores, so these times are inflated)" if load > 1.0 else "") + ".",
         "",
-        "| phase | per iteration |",
-        "|---|---|",
-        f"| generation (batched sampling, KV cache) | {gen_s:.2f} s, {gen_tps:,.0f} generated tokens/s ({tokens:.0f} tokens) |",
-        f"| whole rollout (generation + actor, reference, critic, reward passes + GAE) | {roll_s:.2f} s |",
-        f"| update (8 minibatch steps: actor and critic forward/backward, clipping, AdamW) | {upd_s:.2f} s |",
-        f"| iteration | {roll_s + upd_s:.2f} s |",
-        "",
-        f"Whole run including loading and the initial and final held-out evaluation: {wall:.0f} s for {args.iterations} iterations.",
+        "| torch threads | generation (batched sampling, KV cache) | whole rollout (generation + actor, reference, critic and reward passes, GAE) "
+        f"| update (8 minibatch steps of actor and critic forward/backward + AdamW) | iteration | whole run of {args.iterations} iterations "
+        "(loading, held-out evals, stalls included) |",
+        "|---|---|---|---|---|---|",
     ]
+    for r in results:
+        lines.append(f"| {r['threads']} | {r['gen_s']:.2f} s, {r['gen_tps']:,.0f} generated tokens/s ({r['tokens']:.0f} tokens) | "
+                     f"{r['roll_s']:.2f} s | {r['upd_s']:.2f} s | {r['roll_s'] + r['upd_s']:.2f} s | {r['wall']:.0f} s |")
     if not args.no_write:
         write_section("\n".join(lines))
         print("wrote docs/BENCHMARKS.md")

@@ -258,6 +258,20 @@ def test_strict_gate_refuses_and_watchdog_stops(tiny_base, tiny_tokenizer, tmp_p
     assert not (out / "lifecycle.json").exists()
 
 
+def test_qlora_runs_on_cpu_and_writes_a_full_precision_actor(tiny_base, tiny_reward, tmp_path):
+    """--qlora: a 4-bit NF4 actor base (bitsandbytes on CPU) + LoRA; the artifact merges into full-precision weights."""
+    from transformers import AutoModelForCausalLM
+
+    from lifecycle.stages import ppo
+
+    out = tmp_path / "q"
+    ppo.run(build_config(PPOConfig, None, dict(policy=str(tiny_base), reward=str(tiny_reward), out=str(out), qlora=True,
+                                               lr=1e-2, max_steps=1, **SMALL)))
+    actor = AutoModelForCausalLM.from_pretrained(out)
+    assert all(p.dtype.is_floating_point for p in actor.parameters())
+    assert (out / "adapter" / "adapter_config.json").is_file()
+
+
 def test_explain_prints_the_batch_hierarchy(tiny_base, tiny_reward, tmp_path, capsys):
     from lifecycle.stages import ppo
 
