@@ -22,8 +22,8 @@ Read `run` top to bottom:
   6. metrics, watchdog, held-out evaluation, checkpoint
   7. final evaluation and the artifact: the actor (merged if LoRA) + OUT/critic
 
-Distribution: Accelerate wraps actor and critic in DDP, so gradients are
-all-reduced; every process generates its own rollouts from its own slice of
+Distribution: Accelerate wraps actor and critic in DDP (or, with a shared base,
+the one module that holds both), so gradients are all-reduced; every process generates its own rollouts from its own slice of
 each global prompt batch, with its own sampling seed. Scalars that decide
 control flow (normalisation stats, KL for the controller, early stop, stop
 requests) are reduced across processes so that all of them take the same path.
@@ -35,7 +35,6 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import math
 import random
 import time
 from dataclasses import dataclass
@@ -714,7 +713,7 @@ def run(cfg: PPOConfig, score_fn: ScoreFn | None = None) -> Path | None:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    from lifecycle import artifacts, rl
+    from lifecycle import rl
     from lifecycle.generate import generate_batch, render_prompts
     from lifecycle.watchdog import Watchdog
 
