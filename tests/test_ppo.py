@@ -232,13 +232,16 @@ def test_different_tokenizers_hand_over_through_text(tiny_base, toy, tmp_path, c
     prompts = tmp_path / "prompts.jsonl"  # the user's own prompts (plain strings); world questions, so gold applies
     prompts.write_text("".join(json.dumps({"prompt": f"what is {a} plus {a + 3} ?"}) + "\n" for a in range(20)))
     ppo.run(build_config(PPOConfig, None, dict(policy=str(tiny_base), reward=str(toy["reward"]), out=str(out),
-                                               prompts=str(prompts), max_steps=1, **SMALL)))
+                                               prompts=str(prompts), max_steps=1, adaptive_kl=True, kl_target=1.0,
+                                               kl_horizon=1000, **SMALL)))
     text = capsys.readouterr().out
     assert "different tokenizers" in text and "starts from the policy" in text
     assert "18 training prompts, 2 held out" in text
     m = json.loads((out / "lifecycle.json").read_text())
     assert m["critic_init"] == str(Path(tiny_base)) and isinstance(m["metrics"]["score"], float)
     assert "gold_accuracy" in m["metrics"]
+    # The adaptive controller saw KL 0 against a target of 1: β shrinks by 20% x 16 episodes / 1000.
+    assert m["metrics"]["beta_final"] == pytest.approx(0.15 * (1 - 0.2 * 16 / 1000))
 
 
 def test_strict_gate_refuses_and_watchdog_stops(tiny_base, tiny_tokenizer, tmp_path_factory, toy, tmp_path):
