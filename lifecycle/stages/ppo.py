@@ -710,7 +710,6 @@ def run(cfg: PPOConfig, score_fn: ScoreFn | None = None) -> Path | None:
     inputs = check_inputs(cfg)
 
     import torch
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     from lifecycle import rl
@@ -718,8 +717,8 @@ def run(cfg: PPOConfig, score_fn: ScoreFn | None = None) -> Path | None:
     from lifecycle.watchdog import Watchdog
 
     _quiet()
-    acc = Accelerator(mixed_precision=cfg.mixed_precision, log_with=None if cfg.report_to == "none" else cfg.report_to,
-                      project_dir=str(out))
+    acc = training.make_accelerator(mixed_precision=cfg.mixed_precision,
+                                    log_with=None if cfg.report_to == "none" else cfg.report_to, project_dir=str(out))
     say = acc.print
     W, rank = acc.num_processes, acc.process_index
     G = cfg.prompts_per_rollout
