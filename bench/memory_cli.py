@@ -12,10 +12,6 @@ imported by the command; the script checks that as well.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
-import re
-import shutil
 import statistics
 import subprocess
 import sys
@@ -25,28 +21,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _report import machine, write_section  # noqa: E402
+
 COMMANDS = [
     ["--model", "llama-2-7b"],
     ["--model", "llama-2-7b", "--method", "qlora", "--grad-ckpt", "full", "--gpu-memory", "24GiB"],
     ["--model", "llama-2-70b", "--stage", "ppo", "--method", "lora", "--zero", "3", "--gpus", "8", "--gpu-memory", "80GiB", "--json"],
 ]
-
-
-def machine() -> str:
-    cpu = platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = f"{line.split(':', 1)[1].strip()} ({platform.machine()})"
-                break
-    except OSError:
-        pass
-    gpu = "no GPU"
-    if shutil.which("nvidia-smi"):
-        r = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True)
-        if r.returncode == 0 and r.stdout.strip():
-            gpu = r.stdout.strip().splitlines()[0]
-    return f"{os.cpu_count()}-core {cpu}, {gpu}; Python {platform.python_version()}, {platform.system()} {platform.release()}"
 
 
 def time_command(args: list[str], runs: int) -> list[float]:
@@ -59,21 +40,6 @@ def time_command(args: list[str], runs: int) -> list[float]:
         if r.returncode != 0:
             raise SystemExit(f"llm estimate-memory {' '.join(args)} failed: {r.stderr.strip()}")
     return out
-
-
-def write_section(text: str, path: Path = ROOT / "docs/BENCHMARKS.md") -> None:
-    """Replace only this script's section (between its markers); create the file with a header if needed."""
-    start, end = "<!-- memory:start -->", "<!-- memory:end -->"
-    block = f"{start}\n{text}\n{end}"
-    old = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n\nFigures written by the scripts in bench/; each script owns the section between its markers.\n"
-    if start in old:
-        new = re.sub(re.escape(start) + r".*?" + re.escape(end), lambda _: block, old, flags=re.S)
-    else:
-        new = old.rstrip() + "\n\n" + block + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(new, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def main() -> None:
@@ -106,7 +72,7 @@ def main() -> None:
     lines = [
         "## `llm estimate-memory` response time",
         "",
-        f"Machine: {machine()}. Command: `python bench/memory_cli.py --runs {a.runs}` "
+        f"Machine: {machine(with_torch=False)}. Command: `python bench/memory_cli.py --runs {a.runs}` "
         f"(each run a fresh process, `python -m lifecycle estimate-memory ...`, interpreter start-up included).",
         "",
         "| command | median (s) | min (s) | max (s) |",
@@ -118,7 +84,7 @@ def main() -> None:
                   f"{1000 * in_process:.1f} ms in process. `import lifecycle.cli, lifecycle.memory` loads torch: "
                   f"{'no' if torch_free else 'YES (regression)'}."]
     if not a.no_write:
-        write_section("\n".join(lines))
+        write_section("memory", "\n".join(lines))
         print("wrote the memory section of docs/BENCHMARKS.md")
 
 

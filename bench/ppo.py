@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import statistics
 import sys
 import tempfile
@@ -30,23 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-
-def machine() -> str:
-    import platform
-
-    import torch
-
-    if torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{os.cpu_count()}-core CPU ({cpu}), no GPU, torch {torch.__version__}"
+from _report import machine, write_section  # noqa: E402
 
 
 def random_models(root: Path) -> tuple[str, str]:
@@ -67,15 +50,6 @@ def random_models(root: Path) -> tuple[str, str]:
     save_model_artifact(AutoModelForSequenceClassification.from_config(cfg), tok, root / "reward", stage="reward",
                         config={}, metrics={}, parent=None, seed=0)
     return str(root / "policy"), str(root / "reward")
-
-
-def write_section(text: str, path: Path = ROOT / "docs/BENCHMARKS.md") -> None:
-    start, end = "<!-- ppo:start -->", "<!-- ppo:end -->"
-    block = f"{start}\n{text}\n{end}"
-    old = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n\nFigures written by the scripts in `bench/`; each section names its machine and command.\n"
-    new = re.sub(re.escape(start) + r".*?" + re.escape(end), lambda _: block, old, flags=re.S) if start in old else old.rstrip() + "\n\n" + block + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(new, encoding="utf-8")
 
 
 def measure(args) -> dict:
@@ -156,7 +130,7 @@ def main() -> None:
         lines.append(f"| {r['threads']} | {r['gen_s']:.2f} s, {r['gen_tps']:,.0f} generated tokens/s ({r['tokens']:.0f} tokens) | "
                      f"{r['roll_s']:.2f} s | {r['upd_s']:.2f} s | {r['roll_s'] + r['upd_s']:.2f} s | {r['wall']:.0f} s |")
     if not args.no_write:
-        write_section("\n".join(lines))
+        write_section("ppo", "\n".join(lines))
         print("wrote docs/BENCHMARKS.md")
 
 

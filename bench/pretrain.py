@@ -12,9 +12,6 @@ the recipe's compute dtype), not a datasheet number.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
-import re
 import sys
 import time
 from pathlib import Path
@@ -22,27 +19,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _report import machine, write_section  # noqa: E402
+
 # (name, recipe, preset, vocab, batch, seq) — on a CPU, GPT-2 124M runs batch 1 for a few steps only.
 CASES = [
     ("default (llama-tiny)", "recipes/default/pretrain.yaml", "llama-tiny", 309, 32, 64),
     ("GPT-2 124M", "recipes/gpu/pretrain-gpt2-124m.yaml", "gpt2-124m", 32000, 1, 1024),
 ]
-
-
-def machine() -> str:
-    import torch
-
-    if torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{os.cpu_count()}-core CPU ({cpu}), no GPU, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
 def bench_case(preset: str, vocab: int, batch: int, seq: int, steps: int, warmup: int) -> dict:
@@ -83,15 +66,6 @@ def bench_case(preset: str, vocab: int, batch: int, seq: int, steps: int, warmup
             "peak_flops": peak, "model_flops": tps * fpt, "mfu": tps * fpt / peak}
 
 
-def write_section(text: str, path: Path = ROOT / "docs/BENCHMARKS.md") -> None:
-    start, end = "<!-- pretrain:start -->", "<!-- pretrain:end -->"
-    block = f"{start}\n{text}\n{end}"
-    old = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n\nFigures written by the scripts in `bench/`; each section names its machine and command.\n"
-    new = re.sub(re.escape(start) + r".*?" + re.escape(end), lambda _: block, old, flags=re.S) if start in old else old.rstrip() + "\n\n" + block + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(new, encoding="utf-8")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=10)
@@ -119,7 +93,7 @@ def main() -> None:
         lines.append(f"| {name} (`{recipe}`) | {r['params'] / 1e6:.2f}M | {batch} x {seq} | {steps} | {r['sec_per_step']:.3f} | "
                      f"{r['tokens_per_second']:,.0f} | {r['model_flops'] / 1e9:.1f} | {r['peak_flops'] / 1e9:.1f} | {100 * r['mfu']:.1f}% |")
     if not args.no_write:
-        write_section("\n".join(lines))
+        write_section("pretrain", "\n".join(lines))
         print("wrote docs/BENCHMARKS.md")
 
 

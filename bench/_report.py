@@ -1,0 +1,52 @@
+"""What every bench script shares: a plain-words description of the machine, and writing its own
+section of docs/BENCHMARKS.md (between `<!-- NAME:start -->` and `<!-- NAME:end -->`) atomically."""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+HEADER = "# Benchmarks\n\nFigures written by the scripts in `bench/`; each script owns the section between its markers.\n"
+
+
+def machine(with_torch: bool = True) -> str:
+    """e.g. "2-core AMD EPYC (x86_64), no GPU; Python 3.11.7, torch 2.13.0+cpu"."""
+    cpu = platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = f"{line.split(':', 1)[1].strip()} ({platform.machine()})"
+                break
+    except OSError:
+        pass
+    gpu = "no GPU"
+    if shutil.which("nvidia-smi"):
+        r = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True)
+        if r.returncode == 0 and r.stdout.strip():
+            gpu = r.stdout.strip().splitlines()[0]
+    text = f"{os.cpu_count()}-core {cpu}, {gpu}; Python {platform.python_version()}"
+    if with_torch:
+        import torch
+
+        text += f", torch {torch.__version__}"
+    return text
+
+
+def write_section(name: str, text: str, path: Path = ROOT / "docs/BENCHMARKS.md") -> None:
+    """Replace only section `name` (create the file with a header if needed); temp file + rename."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    block = f"{start}\n{text}\n{end}"
+    old = path.read_text(encoding="utf-8") if path.exists() else HEADER
+    if start in old:
+        new = re.sub(re.escape(start) + r".*?" + re.escape(end), lambda _: block, old, flags=re.S)
+    else:
+        new = old.rstrip() + "\n\n" + block + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(new, encoding="utf-8")
+    os.replace(tmp, path)
