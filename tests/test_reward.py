@@ -13,16 +13,6 @@ from tests.test_sft import BASE_PARAMS, DORA_EXTRA, EXAMPLES, LORA_PARAMS, asser
 HEAD_PARAMS = 32  # the one-output score head on hidden 32 (no bias), trained in full next to the adapters
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def rm_cfg(base, out, **kw):
     values = dict(base=str(base), out=str(out), max_steps=2, world_prompts=24, eval_problems=8, batch_size=8,
                   eval_batch_size=16, warmup_steps=0, save_every=0, log_every=1, eval_every=100, lr=1e-3)

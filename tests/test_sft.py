@@ -30,17 +30,6 @@ LORA_PARAMS = 8_192
 DORA_EXTRA = 512
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls only lose from intra-op threads, badly so on a shared 2-core machine."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def sft_cfg(base, out, **kw):
     values = dict(base=str(base), out=str(out), max_steps=2, world_examples=32, eval_problems=8, batch_size=8,
                   eval_batch_size=16, warmup_steps=0, save_every=0, log_every=1, eval_every=100)

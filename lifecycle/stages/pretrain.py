@@ -19,6 +19,7 @@ the same global batch would.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from pathlib import Path
@@ -86,7 +87,7 @@ def _load_corpus(cfg: PretrainConfig) -> tuple[list[str], list[str], str]:
     rng.shuffle(order)
     n_eval = max(1, round(len(docs) * cfg.eval_fraction)) if len(docs) > 1 else 0
     if n_eval == 0:
-        raise UsageError(f"the data holds a single document; pretraining needs at least 2 (one is held out for evaluation)")
+        raise UsageError("the data holds a single document; pretraining needs at least 2 (one is held out for evaluation)")
     eval_docs = [docs[i] for i in order[:n_eval]]
     train_docs = [docs[i] for i in order[n_eval:]]
     return train_docs, eval_docs, f"{len(train_docs)} training / {len(eval_docs)} held-out documents from {', '.join(cfg.data)}"
@@ -277,7 +278,7 @@ def run(cfg: PretrainConfig) -> Path:
                 lo = (micro * world + acc.process_index) * cfg.batch_size
                 x = train_blocks[idx[lo : lo + cfg.batch_size]].to(acc.device)
                 sync = micro == cfg.grad_accum - 1
-                ctx = acc.no_sync(model) if not sync else _nullcontext()
+                ctx = acc.no_sync(model) if not sync else contextlib.nullcontext()
                 with ctx:
                     with acc.autocast():
                         loss = model(input_ids=x, labels=x).loss
@@ -365,14 +366,6 @@ def _same_on_all_ranks(acc, text: str) -> None:
     digests = [None] * acc.num_processes
     dist.all_gather_object(digests, hashlib.sha256(text.encode()).hexdigest())
     assert len(set(digests)) == 1, "ranks built different tokenizers; pass --tokenizer to share one"
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def _check_memory(cfg: PretrainConfig, mconf, acc) -> None:
