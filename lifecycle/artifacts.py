@@ -26,6 +26,7 @@ import os
 import platform
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -170,14 +171,28 @@ def check_safetensors(path: Path) -> str | None:
     return None
 
 
-def check_artifact(path: str, expect: str, flag: str) -> dict:
+@dataclass(frozen=True)
+class Artifact:
+    """A checked input artifact: what one stage hands the next."""
+
+    path: str                   # the directory (resolved), or a hub id
+    kind: str                   # CAUSAL_LM or REWARD_MODEL
+    manifest: dict | None       # its lifecycle.json, None for a hub id or a foreign directory
+    hub: bool = False           # a Hugging Face Hub id, used as is
+
+    @property
+    def stage(self) -> str | None:
+        return (self.manifest or {}).get("stage")
+
+
+def check_artifact(path: str, expect: str, flag: str) -> Artifact:
     """Check that `path` is a usable artifact of kind `expect` before loading any weights.
 
-    Returns {"path", "kind", "manifest", "hub"}. Raises UsageError naming what was
-    found, what was expected, and the command that makes it.
+    Raises UsageError naming what was found, what was expected, and the command
+    that makes it.
     """
     if looks_like_hub_id(path):
-        return {"path": path, "kind": expect, "manifest": None, "hub": True}
+        return Artifact(path=path, kind=expect, manifest=None, hub=True)
     p = Path(path).expanduser()
     if not p.exists():
         raise UsageError(f"{flag} {path} does not exist; create it with `{MAKES[expect]}` or pass a Hugging Face model id")
@@ -211,18 +226,14 @@ def check_artifact(path: str, expect: str, flag: str) -> dict:
         why = check_safetensors(w)
         if why:
             raise UsageError(f"{flag} {path}: {w.name} cannot be read: {why}; re-run the stage that wrote it")
-    return {"path": str(p), "kind": kind, "manifest": manifest, "hub": False}
+    return Artifact(path=str(p), kind=kind, manifest=manifest)
 
 
-def parent_record(info: dict) -> dict:
+def parent_record(art: Artifact) -> dict:
     """The `parent` entry of a manifest: path, content digest and stage of the input artifact."""
-    if info.get("hub"):
-        return {"path": info["path"], "digest": None, "stage": None, "hub": True}
-    return {
-        "path": str(Path(info["path"]).resolve()),
-        "digest": artifact_digest(Path(info["path"])),
-        "stage": (info.get("manifest") or {}).get("stage"),
-    }
+    if art.hub:
+        return {"path": art.path, "digest": None, "stage": None, "hub": True}
+    return {"path": str(Path(art.path).resolve()), "digest": artifact_digest(Path(art.path)), "stage": art.stage}
 
 
 # ---------------------------------------------------------------------------

@@ -76,13 +76,13 @@ def mode_name(cfg: Any) -> str:
     return ("q" if cfg.qlora else "") + ("dora" if cfg.dora else "lora")
 
 
-def check_memory(cfg: Any, info: dict, stage: str) -> None:
+def check_memory(cfg: Any, info: artifacts.Artifact, stage: str) -> None:
     """Warn or refuse (unless --force) when the memory estimate exceeds the GPU; silent on CPU or for hub ids."""
-    if info.get("hub"):
+    if info.hub:
         return
     from lifecycle import memory
 
-    model_config = json.loads((Path(info["path"]) / "config.json").read_text(encoding="utf-8"))
+    model_config = json.loads((Path(info.path) / "config.json").read_text(encoding="utf-8"))
     method = "qlora" if cfg.qlora else ("lora" if cfg.lora or cfg.dora else "full")
     dtype = {"bf16": "bf16", "fp16": "fp16"}.get(cfg.mixed_precision, "fp32")
     memory.check_fits(model_config, stage=stage, method=method, batch_size=cfg.batch_size, seq_len=cfg.max_length,

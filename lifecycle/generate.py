@@ -106,8 +106,8 @@ def generate_cli(model_path: str, prompt: str, *, max_new_tokens: int, temperatu
     from lifecycle.tokenizer import load_tokenizer
 
     info = check_artifact(model_path, CAUSAL_LM, "--model")
-    tokenizer = load_tokenizer(info["path"])
-    model = load_causal_lm(info["path"])
+    tokenizer = load_tokenizer(info.path)
+    model = load_causal_lm(info.path)
     if chat:
         if not tokenizer.chat_template:
             from lifecycle.errors import UsageError

@@ -54,3 +54,26 @@ def tiny_base(tmp_path_factory, tiny_tokenizer):
 def tiny_gpt2_base(tmp_path_factory, tiny_tokenizer):
     """A pretrain-kind artifact: an untrained 2-layer GPT-2 with the tiny tokenizer."""
     return _make_base(tmp_path_factory, tiny_tokenizer, "gpt2-micro", "tiny_gpt2_base")
+
+
+@pytest.fixture(scope="session")
+def chatml_tokenizer():
+    """A ChatML tokenizer as hub models ship it: turns end with <|im_end|>, EOS is <|endoftext|>."""
+    from families import chatml_tokenizer as make
+
+    return make()
+
+
+@pytest.fixture(scope="session")
+def family_dir(tmp_path_factory, chatml_tokenizer):
+    """family -> a hub-style directory holding a tiny random model of that family (built once per session)."""
+    from families import make_family_dir
+
+    cache: dict = {}
+
+    def get(family: str):
+        if family not in cache:
+            cache[family] = make_family_dir(tmp_path_factory.mktemp(f"hub_{family}"), family, chatml_tokenizer)
+        return cache[family]
+
+    return get

@@ -66,8 +66,8 @@ def _check_reward_like(path: str, flag: str) -> dict:
     from lifecycle.artifacts import REWARD_MODEL, check_artifact
 
     info = check_artifact(path, REWARD_MODEL, flag)
-    if not info["hub"]:
-        n = _num_labels(info["path"])
+    if not info.hub:
+        n = _num_labels(info.path)
         if n != 1:
             raise UsageError(
                 f"{flag} {path} is a sequence classifier with {n} labels, but a reward model has exactly one "
@@ -490,14 +490,14 @@ def shared_reward_adapter(cfg: PPOConfig, inputs: dict) -> str | None:
     """
     from lifecycle.artifacts import artifact_digest
 
-    if not (cfg.use_peft and cfg.share_base) or inputs["reward"]["hub"] or inputs["policy"]["hub"]:
+    if not (cfg.use_peft and cfg.share_base) or inputs["reward"].hub or inputs["policy"].hub:
         return None
-    adapter = Path(inputs["reward"]["path"]) / "adapter"
+    adapter = Path(inputs["reward"].path) / "adapter"
     if not (adapter / "adapter_config.json").is_file():
         return None
-    m = inputs["reward"]["manifest"] or {}
+    m = inputs["reward"].manifest or {}
     backbone = m.get("init_from") or m.get("parent") or {}
-    if backbone.get("digest") and backbone["digest"] == artifact_digest(Path(inputs["policy"]["path"])):
+    if backbone.get("digest") and backbone["digest"] == artifact_digest(Path(inputs["policy"].path)):
         return str(adapter)
     return None
 
@@ -510,7 +510,7 @@ def load_roles(cfg: PPOConfig, inputs: dict, say) -> Roles:
     from lifecycle.reward_model import load_reward_model
     from lifecycle.tokenizer import load_tokenizer
 
-    policy_path, reward_path = inputs["policy"]["path"], inputs["reward"]["path"]
+    policy_path, reward_path = inputs["policy"].path, inputs["reward"].path
     tok = load_tokenizer(policy_path)
     reward_tok = load_tokenizer(reward_path)
     same_tok = _same_tokenizer(tok, reward_tok)
@@ -534,7 +534,7 @@ def load_roles(cfg: PPOConfig, inputs: dict, say) -> Roles:
         reward.config.pad_token_id = reward_tok.pad_token_id
 
     # critic
-    source = {"reward": reward_path, "policy": policy_path}.get(cfg.critic, (inputs["critic"] or {}).get("path"))
+    source = {"reward": reward_path, "policy": policy_path}.get(cfg.critic, getattr(inputs["critic"], "path", None))
     if cfg.critic == "reward" and not same_tok:
         say("note: the critic must read the policy's tokens; it starts from the policy instead of the reward model")
         source = policy_path
@@ -638,7 +638,7 @@ def prompt_tokens(cfg: PPOConfig, inputs: dict, sample: int = 2000) -> int:
     from lifecycle.generate import render_prompts
     from lifecycle.tokenizer import load_tokenizer
 
-    tok = load_tokenizer(inputs["policy"]["path"])
+    tok = load_tokenizer(inputs["policy"].path)
     texts = render_prompts(tok, inputs["train"][:sample] + inputs["eval"][:sample])
     return max(len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"])
 
@@ -650,7 +650,7 @@ def memory_estimate(cfg: PPOConfig, inputs: dict, processes: int, micro: int, se
 
     dtype = {"bf16": "bf16", "fp16": "fp16"}.get(cfg.mixed_precision, "fp32")
     method = "qlora" if cfg.qlora else ("lora" if cfg.lora else "full")
-    conf = AutoConfig.from_pretrained(inputs["policy"]["path"]).to_dict()
+    conf = AutoConfig.from_pretrained(inputs["policy"].path).to_dict()
     try:
         from lifecycle import memory
 
@@ -669,9 +669,9 @@ def memory_estimate(cfg: PPOConfig, inputs: dict, processes: int, micro: int, se
 
 
 def _param_count_memory(cfg: PPOConfig, inputs: dict, micro: int, seq: int) -> str:
-    n_pol, pconf = _param_count(inputs["policy"]["path"], "causal")
-    n_rm, _ = _param_count(inputs["reward"]["path"], "reward")
-    crit_path = {"reward": inputs["reward"]["path"], "policy": inputs["policy"]["path"]}.get(cfg.critic, (inputs["critic"] or {}).get("path"))
+    n_pol, pconf = _param_count(inputs["policy"].path, "causal")
+    n_rm, _ = _param_count(inputs["reward"].path, "reward")
+    crit_path = {"reward": inputs["reward"].path, "policy": inputs["policy"].path}.get(cfg.critic, getattr(inputs["critic"], "path", None))
     n_cr, _ = _param_count(crit_path, "reward")
     fp32 = 4
     base_b = 0.5 if cfg.qlora else fp32  # 4-bit NF4 stores half a byte per weight (plus small scales)
@@ -845,7 +845,7 @@ def run(cfg: PPOConfig, score_fn: ScoreFn | None = None) -> Path | None:
 
     # -- 0f. the reward-model quality gate ----------------------------------------------------
     if ck is None and score_fn is None:
-        rm_manifest = inputs["reward"].get("manifest") or {}
+        rm_manifest = inputs["reward"].manifest or {}
         rm_acc = (rm_manifest.get("metrics") or {}).get("eval_accuracy")
         # Two sampled responses per prompt; the length bias is measured within each prompt's pair (score
         # difference against length difference), so prompts whose answers are simply longer do not count.
@@ -1137,7 +1137,7 @@ def _write_artifact(cfg: PPOConfig, inputs: dict, roles: Roles, metrics: dict, d
 
     tok = roles.tok
     with tempfile.TemporaryDirectory(dir=out) as tmp:
-        actor, critic, extra_dirs = roles.final_models(cfg, inputs["policy"]["path"], Path(tmp))
+        actor, critic, extra_dirs = roles.final_models(cfg, inputs["policy"].path, Path(tmp))
 
         def write_critic(d: Path) -> None:
             critic.save_pretrained(d, safe_serialization=True)

@@ -102,9 +102,9 @@ def run(cfg: RewardConfig) -> Path:
     from lifecycle.reward_model import pairwise_accuracy
     from lifecycle.tokenizer import load_tokenizer
 
-    tokenizer = load_tokenizer(info["path"])
+    tokenizer = load_tokenizer(info.path)
     if builtin:
-        train_pairs, eval_pairs = world_pairs(cfg, info["path"], tokenizer)
+        train_pairs, eval_pairs = world_pairs(cfg, info.path, tokenizer)
     if formats.is_conversational(train_pairs) and not tokenizer.chat_template:
         raise UsageError(
             f"the tokenizer in {cfg.base} has no chat template, but the pairs are conversational; use a base whose "
@@ -125,7 +125,7 @@ def run(cfg: RewardConfig) -> Path:
 
     # 4. Model -------------------------------------------------------------
     torch.manual_seed(cfg.seed)
-    model = load_for_training(init["path"], cfg, head=REWARD_HEAD, pad_token_id=tokenizer.pad_token_id,
+    model = load_for_training(init.path, cfg, head=REWARD_HEAD, pad_token_id=tokenizer.pad_token_id,
                               gradient_checkpointing=cfg.gradient_checkpointing)
     mode = finetune.mode_name(cfg)
     say(f"reward: {mode} training of a reward model on {cfg.init_from or cfg.base}: {describe_trainable(model)}")
@@ -159,7 +159,7 @@ def run(cfg: RewardConfig) -> Path:
 
     # 7. Final model and held-out metrics ----------------------------------
     scratch = out / f".adapter-{os.getpid()}"
-    final = finetune.final_model(trainer.model, cfg, init["path"], REWARD_HEAD, tokenizer.pad_token_id, scratch)
+    final = finetune.final_model(trainer.model, cfg, init.path, REWARD_HEAD, tokenizer.pad_token_id, scratch)
     if eval_pairs:
         after = pairwise_accuracy(final, tokenizer, eval_pairs, batch_size=cfg.eval_batch_size, max_length=cfg.max_length)
         metrics.update(eval_accuracy=after["accuracy"], eval_margin=after["margin"], eval_mean_score=after["mean_score"],

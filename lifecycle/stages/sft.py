@@ -99,7 +99,7 @@ def run(cfg: SFTConfig) -> Path:
     from lifecycle.modeling import CAUSAL_HEAD, count_params, describe_trainable, load_for_training
     from lifecycle.tokenizer import load_tokenizer
 
-    tokenizer = load_tokenizer(info["path"])
+    tokenizer = load_tokenizer(info.path)
     chat = formats.is_conversational(train_rows)
     if chat and not tokenizer.chat_template:
         raise UsageError(
@@ -115,7 +115,7 @@ def run(cfg: SFTConfig) -> Path:
 
     # 3. Model -------------------------------------------------------------
     torch.manual_seed(cfg.seed)
-    model = load_for_training(info["path"], cfg, head=CAUSAL_HEAD, gradient_checkpointing=cfg.gradient_checkpointing)
+    model = load_for_training(info.path, cfg, head=CAUSAL_HEAD, gradient_checkpointing=cfg.gradient_checkpointing)
     mode = finetune.mode_name(cfg)
     say(f"sft: {mode} fine-tuning of {cfg.base}: {describe_trainable(model)}")
     trainable, total = count_params(model)
@@ -162,7 +162,7 @@ def run(cfg: SFTConfig) -> Path:
 
     # 6. Final model and held-out metrics ----------------------------------
     scratch = out / f".adapter-{os.getpid()}"
-    final = finetune.final_model(trainer.model, cfg, info["path"], CAUSAL_HEAD, None, scratch)
+    final = finetune.final_model(trainer.model, cfg, info.path, CAUSAL_HEAD, None, scratch)
     if eval_rows:
         metrics["eval_loss"] = finetune.final_eval(trainer)["eval_loss"]
     if problems:
