@@ -63,6 +63,38 @@ def model_config(spec: str, vocab_size: int, eos_id: int, pad_id: int):
         raise UsageError(f"model config {path} is not valid ({e})") from None
 
 
+def attention_for(config, head: str = "causal-lm") -> str:
+    """SDPA where the architecture supports it, else transformers' eager attention.
+
+    Some families cannot run SDPA (Gemma 2 soft-caps attention logits inside the
+    softmax, which SDPA has no hook for); asking for it raises, so ask the class.
+    """
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers.models.auto.auto_factory import _get_model_class
+
+    auto = AutoModelForSequenceClassification if head == "reward" else AutoModelForCausalLM
+    try:
+        cls = _get_model_class(config, auto._model_mapping)
+    except (KeyError, ValueError):
+        return "sdpa"
+    return "sdpa" if getattr(cls, "_supports_sdpa", False) else "eager"
+
+
+def _attention_for_path(path: str, head: str, trust_remote_code: bool = False) -> str:
+    from transformers import AutoConfig
+
+    try:
+        return attention_for(AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code), head)
+    except (OSError, ValueError):
+        return "sdpa"
+
+
+def is_moe(config) -> bool:
+    """A mixture-of-experts model (Mixtral, Qwen3-MoE, OLMoE, ...): several experts per layer."""
+    n = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None) or getattr(config, "n_routed_experts", None)
+    return bool(n and n > 1)
+
+
 def context_length(config) -> int:
     return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 2048
 
@@ -71,7 +103,7 @@ def build_model(config):
     """A freshly initialised causal LM with SDPA attention."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    return AutoModelForCausalLM.from_config(config, attn_implementation=attention_for(config))
 
 
 def count_params(model) -> tuple[int, int]:
@@ -96,7 +128,8 @@ def load_causal_lm(path: str, dtype: str = "float32", trust_remote_code: bool = 
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(
-        path, dtype=getattr(torch, dtype), attn_implementation="sdpa", trust_remote_code=trust_remote_code
+        path, dtype=getattr(torch, dtype), attn_implementation=_attention_for_path(path, CAUSAL_HEAD, trust_remote_code),
+        trust_remote_code=trust_remote_code,
     )
 
 
@@ -108,21 +141,26 @@ def load_causal_lm(path: str, dtype: str = "float32", trust_remote_code: bool = 
 CAUSAL_HEAD, REWARD_HEAD = "causal-lm", "reward"
 
 
-def lora_config(peft: Any, head: str = CAUSAL_HEAD):
+def lora_config(peft: Any, head: str = CAUSAL_HEAD, model_config: Any = None):
     """The peft LoraConfig for these options; `use_dora` turns LoRA into DoRA (Liu et al. 2024).
 
     With target "all-linear" peft adapts every linear layer except the output
     layer (lm_head, or the reward head `score`, which is trained in full via
-    modules_to_save because it starts from random).
+    modules_to_save because it starts from random). On a mixture-of-experts
+    model (transformers 5 fuses each layer's experts into 3-D weights) peft also
+    adapts the router and the fused expert weights, wrapping them as parameters
+    rather than modules. peft cannot apply dropout to
+    parameter-wrapped weights, so there LoRA dropout is 0.
     """
     from peft import LoraConfig, TaskType
 
     targets = peft.lora_target_modules.strip()
     targets = targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
+    moe = model_config is not None and is_moe(model_config)
     return LoraConfig(
         r=peft.lora_r,
         lora_alpha=peft.lora_alpha,
-        lora_dropout=peft.lora_dropout,
+        lora_dropout=0.0 if moe else peft.lora_dropout,
         target_modules=targets,
         use_dora=peft.dora,
         bias="none",
@@ -148,14 +186,15 @@ def _from_pretrained(path: str, head: str, **kw):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
+    kw.setdefault("attn_implementation", _attention_for_path(path, head, kw.get("trust_remote_code", False)))
     if head == CAUSAL_HEAD:
-        return AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa", **kw)
+        return AutoModelForCausalLM.from_pretrained(path, **kw)
     # A causal LM's checkpoint has no `score` weights (they start random) and an
     # lm_head that the classifier does not use: the load report says so; hush it.
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        return AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, attn_implementation="sdpa", **kw)
+        return AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, **kw)
     finally:
         hf_logging.set_verbosity(level)
 
@@ -202,7 +241,10 @@ def load_for_training(path: str, peft: Any, *, head: str = CAUSAL_HEAD, pad_toke
     if peft.lora or peft.qlora or peft.dora:
         from peft import get_peft_model
 
-        model = get_peft_model(model, lora_config(peft, head))
+        if is_moe(model.config) and peft.lora_dropout:
+            print(f"note: lora_dropout {peft.lora_dropout} -> 0 on this mixture-of-experts model "
+                  f"(peft adapts the fused expert weights as parameters, which takes no dropout)", flush=True)
+        model = get_peft_model(model, lora_config(peft, head, model.config))
     return model
 
 

@@ -28,11 +28,14 @@ def encode(tokenizer, prompts: Sequence, responses: Sequence, max_length: int | 
     """Token ids of prompt + response, as the reward stage trains on them; and how many were truncated.
 
     * conversational (either side a list of messages): the chat template renders
-      prompt messages + response (a string becomes one assistant message);
+      prompt messages + response (a string becomes one assistant message), up to
+      and including the turn's end-of-turn marker (a hub template's newline
+      after `<|im_end|>` is dropped), so the score is read at the marker;
     * plain strings: prompt + response + EOS (unless the response already ends
-      with it), tokenized as text, exactly as given. A rendered chat prompt (a
-      string from `generate.render_prompts`) plus the text the model generated
-      after it lands here and gives the same ids as the conversational form.
+      with EOS or the template's end-of-turn marker), tokenized as text, exactly
+      as given. A rendered chat prompt (a string from `generate.render_prompts`)
+      plus the text the model generated after it, marker included, lands here
+      and gives the same ids as the conversational form.
 
     A string response wrapped into an assistant message is stripped of
     surrounding whitespace, since chat templates add their own.
@@ -40,18 +43,22 @@ def encode(tokenizer, prompts: Sequence, responses: Sequence, max_length: int | 
     Sequences longer than `max_length` keep their last `max_length` tokens: the
     score is read at the end, so the end must survive.
     """
+    from lifecycle.data.chat import end_of_turn_ids, trim_layout
+
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
     eos = tokenizer.eos_token or ""
+    ends = tuple(tokenizer.convert_ids_to_tokens(end_of_turn_ids(tokenizer))) if tokenizer.chat_template else ()
+    ends = tuple(e for e in ends if e) or ((eos,) if eos else ())
     out, truncated = [], 0
     for prompt, response in zip(prompts, responses):
         if _is_chat(prompt) or _is_chat(response):
             msgs = (prompt if _is_chat(prompt) else ([{"role": "user", "content": prompt}] if prompt else []))
             msgs = msgs + (response if _is_chat(response) else [{"role": "assistant", "content": response.strip()}])
-            ids = tokenizer.apply_chat_template(msgs, tokenize=True, return_dict=True)["input_ids"]
+            ids = trim_layout(list(tokenizer.apply_chat_template(msgs, tokenize=True, return_dict=True)["input_ids"]), tokenizer)
         else:
             text = (prompt or "") + response
-            if eos and not text.endswith(eos):
+            if eos and not text.endswith(ends):
                 text += eos
             ids = tokenizer(text)["input_ids"]
         ids = list(ids)
@@ -152,6 +159,9 @@ def load_reward_model(path: str, dtype: str = "float32"):
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    model = AutoModelForSequenceClassification.from_pretrained(path, dtype=getattr(torch, dtype), attn_implementation="sdpa")
+    from lifecycle.modeling import REWARD_HEAD, _attention_for_path
+
+    model = AutoModelForSequenceClassification.from_pretrained(
+        path, dtype=getattr(torch, dtype), attn_implementation=_attention_for_path(path, REWARD_HEAD))
     model.eval()
     return model

@@ -78,6 +78,41 @@ def tokenize(tokenizer, pairs: list[dict], max_length: int) -> tuple[list[dict],
     return rows, n1 + n2, len(pairs) - len(rows)
 
 
+def mask_read_trainer(trl, torch):
+    """TRL's RewardTrainer, reading each score where `reward_model.score` reads it: the last attended token.
+
+    The stock classifier finds the last token as the rightmost non-pad token,
+    which is one token early when the pad id is also a real token (hub
+    tokenizers often pad with EOS, and a plain-text pair ends with EOS). Used
+    only then: otherwise both read the same position and the stock path is kept.
+    """
+    from transformers.modeling_outputs import SequenceClassifierOutput
+
+    from lifecycle.reward_model import score_tokens
+
+    class MaskReadRewardTrainer(trl.RewardTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            rewards = score_tokens(model, inputs["input_ids"], inputs["attention_mask"])  # (2B,) chosen then rejected
+            chosen, rejected = torch.chunk(rewards, chunks=2)
+            loss = -torch.nn.functional.logsigmoid(chosen - rejected).mean()  # Bradley-Terry
+            if self.args.center_rewards_coefficient is not None:
+                loss = loss + self.args.center_rewards_coefficient * torch.mean((chosen + rejected) ** 2)
+            mode = "train" if self.model.training else "eval"
+            with torch.no_grad():
+                acc = self.accelerator.gather_for_metrics((chosen > rejected).float().mean()).mean().item()
+                margin = self.accelerator.gather_for_metrics((chosen - rejected).mean()).mean().item()
+            self._metrics[mode]["accuracy"].append(acc)
+            self._metrics[mode]["margin"].append(margin)
+            return (loss, SequenceClassifierOutput(loss=loss, logits=rewards[:, None])) if return_outputs else loss
+
+    return MaskReadRewardTrainer
+
+
+def pad_is_real(rows: list[dict], pad_id: int | None) -> bool:
+    """Whether the pad id occurs inside some sequence (then the stock classifier would misread the last token)."""
+    return pad_id is not None and any(pad_id in r[k] for r in rows for k in ("chosen_ids", "rejected_ids"))
+
+
 def run(cfg: RewardConfig) -> Path:
     t_start = time.perf_counter()
     out = Path(cfg.out)
@@ -144,7 +179,9 @@ def run(cfg: RewardConfig) -> Path:
         center_rewards_coefficient=cfg.center_rewards or None,
         disable_dropout=True,
     )
-    trainer = trl.RewardTrainer(
+    trainer_cls = (mask_read_trainer(trl, torch) if pad_is_real(train_rows + eval_rows, tokenizer.pad_token_id)
+                   else trl.RewardTrainer)
+    trainer = trainer_cls(
         model=model,
         args=args,
         train_dataset=Dataset.from_list(train_rows),

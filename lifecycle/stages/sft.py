@@ -22,6 +22,7 @@ from pathlib import Path
 
 from lifecycle import artifacts, finetune
 from lifecycle.config import SFTConfig
+from lifecycle.data import chat as chat_templates
 from lifecycle.data import formats, world
 from lifecycle.data.files import read_all
 from lifecycle.errors import UsageError
@@ -75,6 +76,43 @@ def gold_callback(tokenizer, problems: list, initial: dict):
     return GoldAccuracy()
 
 
+def build_trainer(cfg: SFTConfig, model, tokenizer, train_rows: list[dict], eval_rows: list[dict], *, resuming: bool):
+    """TRL's SFTTrainer on these rows, with the loss on the assistant's tokens (or every token, loss_on=all).
+
+    Our own tokenizer's template marks assistant tokens with {% generation %}
+    and TRL masks them. A hub template has no such markers: then we find each
+    assistant turn ourselves, through its end-of-turn marker (data/chat.py), and
+    hand TRL token ids with `assistant_masks`, from which it builds the labels.
+    """
+    import trl
+    from datasets import Dataset
+
+    chat = formats.is_conversational(train_rows)
+    messages = bool(train_rows) and "messages" in train_rows[0]
+    own_masks = chat and cfg.loss_on == "assistant" and not chat_templates.has_generation_markers(tokenizer)
+    train_data, eval_data = train_rows, eval_rows
+    if own_masks:
+        train_data, skipped = chat_templates.tokenize_conversations(tokenizer, train_rows)
+        eval_data, skipped_eval = chat_templates.tokenize_conversations(tokenizer, eval_rows)
+        if skipped + skipped_eval:
+            say(f"sft: {skipped + skipped_eval} assistant turns are rendered differently by the chat template "
+                f"later in their conversation; they are left out of the loss")
+    args = finetune.trainer_args(
+        trl.SFTConfig, cfg, has_eval=bool(eval_rows), resuming=resuming,
+        packing=cfg.packing,
+        completion_only_loss=cfg.loss_on == "assistant" and not own_masks,
+        assistant_only_loss=cfg.loss_on == "assistant" and messages and not own_masks,
+        dataset_text_field="text",
+    )
+    return trl.SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(train_data),
+        eval_dataset=Dataset.from_list(eval_data) if eval_data else None,
+        processing_class=tokenizer,
+    )
+
+
 def run(cfg: SFTConfig) -> Path:
     t_start = time.perf_counter()
     out = Path(cfg.out)
@@ -92,8 +130,6 @@ def run(cfg: SFTConfig) -> Path:
     finetune.quiet()
     finetune.set_threads(cfg)
     import torch
-    import trl
-    from datasets import Dataset
 
     from lifecycle.generate import gold_accuracy
     from lifecycle.modeling import CAUSAL_HEAD, count_params, describe_trainable, load_for_training
@@ -129,20 +165,7 @@ def run(cfg: SFTConfig) -> Path:
         say(f"sft: gold accuracy before: {before['gold_accuracy']:.3f} on {before['n']} held-out problems")
 
     # 5. Train -------------------------------------------------------------
-    args = finetune.trainer_args(
-        trl.SFTConfig, cfg, has_eval=bool(eval_rows), resuming=resuming,
-        packing=cfg.packing,
-        completion_only_loss=cfg.loss_on == "assistant",
-        assistant_only_loss=cfg.loss_on == "assistant" and shape == formats.MESSAGES,
-        dataset_text_field="text",
-    )
-    trainer = trl.SFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=Dataset.from_list(train_rows),
-        eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
-        processing_class=tokenizer,
-    )
+    trainer = build_trainer(cfg, model, tokenizer, train_rows, eval_rows, resuming=resuming)
     dropped = len(train_rows) - len(trainer.train_dataset) if not cfg.packing else 0
     if dropped > 0:
         say(f"sft: {dropped} rows had no completion tokens left within max_length={cfg.max_length} and were dropped")

@@ -1,0 +1,196 @@
+"""Every stage on every family: tiny random llama, qwen3, gemma2, phi3, mixtral and qwen3_moe models as a user
+would hand them over (hub-style directories with a ChatML tokenizer), and the chat-template rules hub models need.
+
+PPO on every family is in tests/test_ppo_families.py; the memory estimator's families in tests/test_memory_families.py.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from families import FAMILIES, IM_END, family_config
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+ALL = list(FAMILIES)
+
+
+def _changed(before_dir: Path, after_dir: Path) -> bool:
+    import torch
+    from safetensors.torch import load_file
+
+    before, after = load_file(Path(before_dir) / "model.safetensors"), load_file(Path(after_dir) / "model.safetensors")
+    shared = [k for k in before if k in after and before[k].shape == after[k].shape]
+    assert shared, "no common tensors between base and fine-tuned model"
+    return any(not torch.equal(before[k].float(), after[k].float()) for k in shared)
+
+
+def _sft(base: Path, out: Path, **kw):
+    from lifecycle.config import SFTConfig, build_config
+    from lifecycle.stages import sft
+
+    values = dict(base=str(base), out=str(out), max_steps=2, world_examples=16, eval_problems=4, batch_size=4,
+                  eval_batch_size=8, warmup_steps=0, save_every=0, log_every=1, eval_every=100, lr=1e-2)
+    values.update(kw)
+    return sft.run(build_config(SFTConfig, None, values))
+
+
+# ---------------------------------------------------------------------------
+# sft: full and LoRA on every family; QLoRA and DoRA on a dense and an MoE one
+# ---------------------------------------------------------------------------
+MATRIX = [(f, "full") for f in ALL] + [(f, "lora") for f in ALL] + [
+    ("qwen3", "qlora"), ("qwen3_moe", "qlora"), ("gemma2", "dora"), ("mixtral", "dora")]
+
+
+@pytest.mark.parametrize("family,mode", MATRIX, ids=[f"{f}-{m}" for f, m in MATRIX])
+def test_sft_runs_on_every_family(family, mode, family_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    base = family_dir(family)
+    flags = {} if mode == "full" else {mode: True}
+    out = _sft(base, tmp_path / "sft", **flags)
+    m = json.loads((out / "lifecycle.json").read_text())
+    assert m["stage"] == "sft" and m["mode"] == mode
+    assert m["metrics"]["steps"] == 2 and m["metrics"]["eval_loss"] > 0
+    model = AutoModelForCausalLM.from_pretrained(out)  # stock transformers reads the artifact
+    assert model.config.model_type == family
+    assert _changed(base, out), "no weight changed"
+    if mode != "full":
+        from peft import PeftConfig
+
+        assert PeftConfig.from_pretrained(out / "adapter").peft_type.value == "LORA"
+
+
+def test_lora_on_a_mixture_of_experts_adapts_the_experts(family_dir, capsys):
+    from types import SimpleNamespace
+
+    from lifecycle.modeling import load_for_training
+
+    peft = SimpleNamespace(lora=True, qlora=False, dora=False, lora_r=4, lora_alpha=8, lora_dropout=0.05,
+                           lora_target_modules="all-linear")
+    model = load_for_training(str(family_dir("mixtral")), peft)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert any(".mlp.experts." in n and "lora_A" in n for n in names), "experts not adapted"
+    assert any("self_attn.q_proj.lora_A" in n for n in names)
+    assert all("lora_" in n for n in names)  # the experts' own weights stay frozen
+    assert "lora_dropout 0.05 -> 0" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------
+# The completion-only loss on a hub template: exactly the assistant turn and its end marker
+# ---------------------------------------------------------------------------
+def test_assistant_mask_covers_each_turn_through_its_end_marker(chatml_tokenizer):
+    from lifecycle.data.chat import assistant_mask, end_of_turn_ids
+
+    tok = chatml_tokenizer
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "what is 1 plus 2 ?"},
+            {"role": "assistant", "content": "3"}, {"role": "user", "content": "and 2 plus 2 ?"},
+            {"role": "assistant", "content": "4"}]
+    ids, mask, skipped = assistant_mask(tok, msgs)
+    assert skipped == 0 and len(ids) == len(mask)
+    # The rendered text, by hand: "...<|im_start|>assistant\n3<|im_end|>\n<|im_start|>user\n...4<|im_end|>\n"
+    assert tok.decode([i for i, b in zip(ids, mask) if b]) == f"3{IM_END}4{IM_END}"
+    # Two spans, each ending on the marker; the newline after it is not trained.
+    im_end = tok.convert_tokens_to_ids(IM_END)
+    ends = [j for j in range(len(ids)) if mask[j] and (j + 1 == len(ids) or not mask[j + 1])]
+    assert [ids[j] for j in ends] == [im_end, im_end] and all(ids[j + 1] != im_end for j in ends)
+    assert end_of_turn_ids(tok)[0] == im_end and tok.eos_token_id in end_of_turn_ids(tok)
+
+
+def test_sft_trains_on_the_assistant_turn_and_marker_only(chatml_tokenizer, family_dir, tmp_path):
+    """The labels TRL trains on (built from our masks) decode to the completion plus <|im_end|>, nothing else."""
+    from lifecycle.config import SFTConfig, build_config
+    from lifecycle.modeling import load_for_training
+    from lifecycle.stages import sft
+
+    rows = [{"prompt": [{"role": "user", "content": "what is 48 plus 87 ?"}],
+             "completion": [{"role": "assistant", "content": "135"}]}] * 4
+    cfg = build_config(SFTConfig, None, dict(base=str(family_dir("qwen3")), out=str(tmp_path / "o"), max_steps=1,
+                                             batch_size=2, save_every=0))
+    model = load_for_training(cfg.base, cfg)
+    trainer = sft.build_trainer(cfg, model, chatml_tokenizer, rows, rows[:2], resuming=False)
+    row = trainer.train_dataset[0]
+    trained = [t for t, lab in zip(row["input_ids"], row["labels"]) if lab != -100]
+    assert chatml_tokenizer.decode(trained) == f"135{IM_END}"
+
+
+# ---------------------------------------------------------------------------
+# reward: trained and read at the same position, whatever the padding
+# ---------------------------------------------------------------------------
+def test_reward_encoding_of_a_generated_turn_equals_the_chat_rendering(chatml_tokenizer):
+    """PPO hands the reward model the rendered prompt plus the generated text (marker included); `llm reward`
+    trains on the chat rendering. Both must be the same ids, ending on the end-of-turn marker."""
+    from lifecycle.generate import render_prompts
+    from lifecycle.reward_model import encode
+
+    tok = chatml_tokenizer
+    prompt = [{"role": "user", "content": "what is 1 plus 2 ?"}]
+    chat, _ = encode(tok, [prompt], ["3"])
+    text, _ = encode(tok, render_prompts(tok, [prompt]), [f"3{IM_END}"])
+    assert chat == text
+    assert chat[0][-1] == tok.convert_tokens_to_ids(IM_END)
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gemma2", "mixtral"])
+def test_reward_runs_on_families_and_scores_where_it_trained(family, family_dir, tmp_path):
+    """Plain-text pairs end with EOS, which this tokenizer also uses as pad: the stock classifier would read one
+    token early, so training reads by the attention mask, as `score` does; after training the held-out
+    accuracy recorded in the manifest (computed by `score`) agrees with the trainer's own eval accuracy."""
+    from transformers import AutoModelForSequenceClassification
+
+    from lifecycle.config import RewardConfig, build_config
+    from lifecycle.stages import reward
+
+    data = tmp_path / "pairs.jsonl"
+    rows = [{"chosen": f"{a} plus {b} equals {a + b}", "rejected": f"{a} plus {b} equals {a + b + 10}"}
+            for a in range(10, 40) for b in (11, 23)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = build_config(RewardConfig, None, dict(base=str(family_dir(family)), out=str(tmp_path / "rm"), data=str(data),
+                                                max_steps=12, batch_size=8, lr=3e-3, warmup_steps=0, save_every=0,
+                                                eval_every=100, eval_fraction=0.25))
+    out = reward.run(cfg)
+    m = json.loads((out / "lifecycle.json").read_text())["metrics"]
+    model = AutoModelForSequenceClassification.from_pretrained(out)
+    assert model.config.num_labels == 1
+    assert m["eval_accuracy"] > m["eval_accuracy_initial"] or m["eval_accuracy"] == 1.0
+    assert m["eval_accuracy"] >= 0.75
+
+
+def test_pad_that_is_also_a_real_token_switches_to_mask_reading():
+    from lifecycle.stages.reward import pad_is_real
+
+    assert pad_is_real([{"chosen_ids": [5, 6, 0], "rejected_ids": [5, 7, 0]}], 0)
+    assert not pad_is_real([{"chosen_ids": [5, 6, 1], "rejected_ids": [5, 7, 1]}], 0)
+
+
+# ---------------------------------------------------------------------------
+# pretrain from a transformers config.json of each family; generate from each
+# ---------------------------------------------------------------------------
+@pytest.mark.parametrize("family", ALL)
+def test_pretrain_from_a_config_json_of_each_family(family, chatml_tokenizer, tmp_path):
+    config = tmp_path / f"{family}.json"
+    d = family_config(family, chatml_tokenizer).to_dict()
+    config.write_text(json.dumps(d))
+    out = tmp_path / "pt"
+    r = subprocess.run([sys.executable, "-m", "lifecycle", "pretrain", "--out", str(out), "--model", str(config),
+                        "--set", "steps=3", "--set", "batch_size=4", "--set", "seq_len=32", "--set", "world_documents=300",
+                        "--set", "vocab_size=300", "--set", "eval_every=3", "--set", "eval_batches=1",
+                        "--set", "save_every=0", "--set", "warmup_steps=1"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model_type"] == family
+    m = json.loads((out / "lifecycle.json").read_text())["metrics"]
+    assert m["eval_loss"] < m["eval_loss_initial"]
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gemma2", "qwen3_moe"])
+def test_generate_runs_and_stops_at_the_end_of_turn(family, family_dir):
+    r = subprocess.run([sys.executable, "-m", "lifecycle", "generate", "what is 1 plus 2 ?", "--model",
+                        str(family_dir(family)), "--chat", "--max-new-tokens", "5"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
