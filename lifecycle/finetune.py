@@ -14,51 +14,29 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lifecycle import artifacts
+from lifecycle import artifacts, checkpoints
 from lifecycle.errors import UsageError
-
-
-def say(*parts: Any) -> None:
-    """Print on the main process only."""
-    from accelerate import PartialState
-
-    if PartialState().is_main_process:
-        print(*parts, flush=True)
-
-
-def quiet() -> None:
-    """Silence library chatter (load/map progress bars, advisory warnings); our progress line stays."""
-    import logging
-    import warnings
-
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # "Failed to load CPU gemm_4bit_forward ...": optional kernel
-    warnings.filterwarnings("ignore", message=".*is deprecated and will be removed in v6.*", category=FutureWarning)
-    import datasets
-    import transformers
-
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
+from lifecycle.training import check_memory, check_tracker, format_eta, quiet, quiet_saving, say, tensorboard_dir  # noqa: F401
 
 
 # ---------------------------------------------------------------------------
-# Checkpoints (the Trainer's own: OUT/checkpoints/checkpoint-N)
+# Checkpoints (the Trainer's own: OUT/checkpoints/checkpoint-N; see lifecycle/checkpoints.py)
 # ---------------------------------------------------------------------------
-def checkpoint_dir(out: str | Path) -> Path:
-    return Path(out) / "checkpoints"
-
-
-def has_checkpoint(out: str | Path) -> bool:
-    root = checkpoint_dir(out)
-    return root.is_dir() and any(d.is_dir() and d.name.startswith("checkpoint-") for d in root.iterdir())
-
-
 def check_resume(cfg: Any) -> bool:
-    """True when training should resume; UsageError for --resume without a checkpoint."""
-    if cfg.resume and not has_checkpoint(cfg.out):
-        raise UsageError(f"--resume given but no checkpoint under {checkpoint_dir(cfg.out)}; drop --resume to start a new run")
-    return bool(cfg.resume)
+    """True when training should resume; UsageError for --resume without a checkpoint or under another recipe.
+
+    The Trainer resumes from its highest-numbered checkpoint whether or not a kill
+    cut it short; incomplete ones are removed first, so it continues from the newest
+    complete one, the one `llm run` found.
+    """
+    if not cfg.resume:
+        return False
+    ck = checkpoints.require_checkpoint(cfg.out)
+    if not ck.name.startswith("checkpoint-"):
+        raise UsageError(f"--resume: {ck} was not written by this stage's trainer; pick another --out or drop --resume")
+    checkpoints.check_fingerprint(ck, cfg)
+    checkpoints.discard_incomplete(cfg.out)
+    return True
 
 
 def set_threads(cfg: Any) -> None:
@@ -76,27 +54,42 @@ def mode_name(cfg: Any) -> str:
     return ("q" if cfg.qlora else "") + ("dora" if cfg.dora else "lora")
 
 
-def check_memory(cfg: Any, info: artifacts.Artifact, stage: str) -> None:
-    """Warn or refuse (unless --force) when the memory estimate exceeds the GPU; silent on CPU or for hub ids."""
-    if info.hub:
-        return
-    from lifecycle import memory
+def inherit_max_length(cfg: Any, parent: artifacts.Artifact) -> int:
+    """The sequence length to fine-tune at: `max_length` if the user set one (> 0), else the
+    length the parent was trained at (a pretrain's seq_len, an earlier sft's max_length),
+    capped by the model's context, as nanochat's SFT takes the base's sequence length.
 
-    model_config = json.loads((Path(info.path) / "config.json").read_text(encoding="utf-8"))
-    method = "qlora" if cfg.qlora else ("lora" if cfg.lora or cfg.dora else "full")
-    dtype = {"bf16": "bf16", "fp16": "fp16"}.get(cfg.mixed_precision, "fp32")
-    memory.check_fits(model_config, stage=stage, method=method, batch_size=cfg.batch_size, seq_len=cfg.max_length,
-                      force=cfg.force, dtype=dtype, lora_r=cfg.lora_r,
-                      grad_ckpt="full" if cfg.gradient_checkpointing else "none")
+    A parent without that record (a hub model, a foreign directory) gives
+    min(2048, context). A positive value is returned as given.
+    """
+    if cfg.max_length > 0:
+        return cfg.max_length
+    context = None
+    if not parent.hub:
+        try:
+            conf = json.loads((Path(parent.path) / "config.json").read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+            conf = {}
+        context = next((conf[k] for k in ("max_position_embeddings", "n_positions", "seq_length")
+                        if isinstance(conf.get(k), int) and conf[k] > 0), None)
+    recorded = (parent.manifest or {}).get("config") or {}
+    trained = next((recorded[k] for k in ("seq_len", "max_length") if isinstance(recorded.get(k), int) and recorded[k] > 0), None)
+    length = trained or 2048
+    return min(length, context) if context else length
 
 
-def check_tracker(cfg: Any) -> None:
-    """--report-to needs its package; say so before any weights are loaded."""
-    import importlib.util
+def every_parameter_trains(model_config: dict) -> bool:
+    """False for a mixture of experts: a batch may route no token through an expert, whose
+    weights then get no gradient (DDP must look for unused parameters); True for dense models."""
+    keys = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts", "num_experts_per_tok")
+    return not any(isinstance(model_config.get(k), int) and model_config[k] > 1 for k in keys)
 
-    if cfg.report_to != "none" and importlib.util.find_spec(cfg.report_to) is None:
-        raise UsageError(f"--report-to {cfg.report_to} needs the {cfg.report_to} package, which is not installed; "
-                         f"pip install 'llm-lifecycle[{cfg.report_to}]' or drop --report-to")
+
+def _base_config(cfg: Any) -> dict | None:
+    try:
+        return json.loads((Path(cfg.base) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, TypeError):
+        return None
 
 
 # ---------------------------------------------------------------------------
@@ -107,12 +100,13 @@ def trainer_args(cls: type, cfg: Any, *, has_eval: bool, resuming: bool, **extra
     import torch
 
     cuda = torch.cuda.is_available()
+    base_config = _base_config(cfg)
     if cfg.max_steps > 0 or cfg.epochs <= 0:
         length = {"max_steps": cfg.total_steps}
     else:
         length = {"max_steps": -1, "num_train_epochs": cfg.epochs}
     return cls(
-        output_dir=str(checkpoint_dir(cfg.out)),
+        output_dir=str(checkpoints.checkpoint_root(cfg.out)),
         per_device_train_batch_size=cfg.batch_size,
         per_device_eval_batch_size=cfg.eval_batch_size,
         gradient_accumulation_steps=cfg.grad_accum,
@@ -138,6 +132,9 @@ def trainer_args(cls: type, cfg: Any, *, has_eval: bool, resuming: bool, **extra
         report_to=[] if cfg.report_to == "none" else [cfg.report_to],
         disable_tqdm=True,  # our Progress callback prints one line per log_every steps instead
         dataloader_pin_memory=cuda,
+        # DDP's search for parameters without a gradient costs a graph walk per step; only
+        # a mixture of experts (or a model whose config we cannot read here) needs it.
+        ddp_find_unused_parameters=base_config is None or not every_parameter_trains(base_config),
         **length,
         **extra,
     )
@@ -162,18 +159,38 @@ def drop_eval(trainer) -> None:
     trainer.args.eval_on_start = False
 
 
-def attach_progress(trainer) -> None:
-    """Swap the Trainer's raw log printing for our one-line progress report."""
+def attach_progress(trainer, cfg: Any = None) -> None:
+    """Swap the Trainer's raw log printing for our one-line progress report; send TensorBoard
+    events to OUT/tb/<stage> as every stage does; with `cfg`, record the recipe in each checkpoint."""
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(_progress_class()())
+    out = Path(trainer.args.output_dir).parent
+    stage = type(trainer.args).__name__.removesuffix("Config").lower() or "trainer"  # trl.SFTConfig -> sft
+    for cb in trainer.callback_handler.callbacks:
+        if type(cb).__name__ == "TensorBoardCallback" and getattr(cb, "tb_writer", None) is None:
+            cb.logging_dir = str(tensorboard_dir(out) / stage)
+    if cfg is not None:
+        trainer.add_callback(_fingerprint_class()(cfg))
 
 
-def _eta(seconds: float) -> str:
-    m, s = divmod(max(0, int(seconds)), 60)
-    return f"{m}m{s:02d}s"
+def _fingerprint_class():
+    from transformers import TrainerCallback
+
+    class _Fingerprint(TrainerCallback):
+        """Writes the recipe into each checkpoint the Trainer has just saved (checked on resume)."""
+
+        def __init__(self, cfg):
+            self.cfg = cfg
+
+        def on_save(self, args, state, control, **kw):
+            ck = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if state.is_world_process_zero and ck.is_dir():
+                checkpoints.write_fingerprint(ck, self.cfg)
+
+    return _Fingerprint
 
 
 def _progress_class():
@@ -184,6 +201,8 @@ def _progress_class():
 
         def on_train_begin(self, args, state, control, **kw):
             self.t0, self.step0 = time.perf_counter(), state.global_step
+            if state.global_step and state.is_world_process_zero:
+                print(f"resumed at step {state.global_step}/{state.max_steps}", flush=True)
 
         def on_log(self, args, state, control, logs=None, **kw):
             if not state.is_world_process_zero or not logs:
@@ -201,7 +220,7 @@ def _progress_class():
                 parts = [f"{k} {logs[k]:.4f}" for k in ("eval_loss", "eval_accuracy", "eval_margin") if k in logs]
             if not parts:
                 return
-            print(f"step {step:>5}/{total}  " + "  ".join(parts) + f"  | {elapsed:.0f}s, eta {_eta(eta)}", flush=True)
+            print(f"step {step:>5}/{total}  " + "  ".join(parts) + f"  | {elapsed:.0f}s, eta {format_eta(eta)}", flush=True)
 
     return _Progress
 
@@ -249,17 +268,18 @@ def final_model(trained, cfg: Any, base_path: str, head: str, pad_token_id: int 
 
 
 def save(model, trained, tokenizer, cfg: Any, *, stage: str, metrics: dict, parent: dict, extra: dict | None = None) -> Path:
-    """Write OUT atomically (manifest last): full weights and/or OUT/adapter, tokenizer, resolved config."""
+    """Write OUT atomically (manifest last): the full model unless --no-merge, OUT/adapter with
+    adapters, the tokenizer (readable by transformers 4.x and 5.x), the resolved config."""
     from lifecycle.config import to_dict
+    from lifecycle.tokenizer import save_tokenizer
 
     out = Path(cfg.out)
-    config = to_dict(cfg)
-    if cfg.use_peft and not cfg.merge:
-        staging = artifacts.staging_dir(out)
-        tokenizer.save_pretrained(staging)
-        trained.save_pretrained(staging / "adapter")
-        return artifacts.publish(staging, out, stage=stage, config=config, metrics=metrics, parent=parent,
-                                 seed=cfg.seed, extra=extra)
-    extra_dirs = {"adapter": lambda d: trained.save_pretrained(d)} if cfg.use_peft else None
-    return artifacts.save_model_artifact(model, tokenizer, out, stage=stage, config=config, metrics=metrics,
-                                         parent=parent, seed=cfg.seed, extra_dirs=extra_dirs, extra=extra)
+    staging = artifacts.staging_dir(out)
+    with quiet_saving():
+        if not (cfg.use_peft and not cfg.merge):
+            model.save_pretrained(staging, safe_serialization=True)
+        if cfg.use_peft:
+            trained.save_pretrained(staging / "adapter")
+    save_tokenizer(tokenizer, staging)
+    return artifacts.publish(staging, out, stage=stage, config=to_dict(cfg), metrics=metrics, parent=parent,
+                             seed=cfg.seed, extra=extra)

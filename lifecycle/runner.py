@@ -9,7 +9,8 @@ A recipe is a YAML file (or a directory holding `run.yaml`):
 Each stage writes OUT/<stage>. Inputs are wired by name unless the recipe sets
 them: sft reads OUT/pretrain, reward reads OUT/sft, ppo reads OUT/sft and
 OUT/reward. A stage whose complete artifact already exists is skipped (use
---force to redo it); one that left checkpoints behind is resumed. At the end a
+--force to redo it); one that left a complete checkpoint behind (any stage:
+lifecycle/checkpoints.py knows our loops' and the Trainer's) is resumed from it. At the end a
 table of every stage's held-out metrics is printed and OUT/report.md is written
 with plots of each stage's curves.
 """
@@ -101,7 +102,7 @@ def run_lifecycle(recipe: str | None, out: str, *, max_steps: int | None = None,
                   force: bool = False, from_manifest: str | None = None) -> None:
     import importlib
 
-    from lifecycle.training import latest_checkpoint
+    from lifecycle.checkpoints import check_fingerprint, checkpoint_step, latest_checkpoint
 
     root = Path(out)
     if root.exists() and not root.is_dir():
@@ -128,9 +129,11 @@ def run_lifecycle(recipe: str | None, out: str, *, max_steps: int | None = None,
         if not force and artifacts.is_complete(stage_out) and (artifacts.read_manifest(stage_out) or {}).get("stage") == name:
             print(f"== {name}: {stage_out} is complete; skipping (--force to redo)")
             continue
-        if hasattr(cfg, "resume") and latest_checkpoint(stage_out) is not None and not force:
+        ck = latest_checkpoint(stage_out) if hasattr(cfg, "resume") and not force else None
+        if ck is not None:
+            check_fingerprint(ck, cfg, fix=f"run with the same options, or add --force to start {name} afresh")
             cfg.resume = True
-            print(f"== {name}: resuming from the checkpoints in {stage_out / 'checkpoints'}")
+            print(f"== {name}: resuming from step {checkpoint_step(ck)} ({ck})")
         else:
             print(f"== {name} -> {stage_out}")
         from lifecycle.config import check_config

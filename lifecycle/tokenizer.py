@@ -76,3 +76,41 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+# transformers 5 writes two things into tokenizer_config.json that 4.x cannot read:
+# "tokenizer_class": "TokenizersBackend" (4.x has no such class: "Tokenizer class
+# TokenizersBackend does not exist or is not currently imported") and
+# "extra_special_tokens" as a list (4.x expects a mapping of names to tokens and
+# fails with "'list' object has no attribute 'keys'"). 4.x's names for the same
+# things are "PreTrainedTokenizerFast" and "additional_special_tokens", which 5.x
+# still reads (it maps the first to TokenizersBackend and converts the second).
+# 4.x releases before the separate chat_template.jinja file read the template
+# from tokenizer_config.json only, so it is kept there as well.
+V4_CLASS = {"TokenizersBackend": "PreTrainedTokenizerFast"}
+
+
+def portable_tokenizer_config(config: dict, chat_template: str | None = None) -> dict:
+    """A tokenizer_config.json mapping that transformers 4.x and 5.x both load the same way."""
+    config = dict(config)
+    config["tokenizer_class"] = V4_CLASS.get(config.get("tokenizer_class"), config.get("tokenizer_class"))
+    extra = config.get("extra_special_tokens")
+    if isinstance(extra, list):
+        del config["extra_special_tokens"]
+        config["additional_special_tokens"] = extra
+    if chat_template and "chat_template" not in config:
+        config["chat_template"] = chat_template
+    return {k: config[k] for k in sorted(config) if config[k] is not None or k.endswith("_token")}
+
+
+def save_tokenizer(tokenizer, directory) -> None:
+    """`tokenizer.save_pretrained(directory)`, with a tokenizer_config.json both transformers 4.x and 5.x read."""
+    import json
+    from pathlib import Path
+
+    tokenizer.save_pretrained(directory)
+    path = Path(directory) / "tokenizer_config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    template = tokenizer.chat_template if isinstance(getattr(tokenizer, "chat_template", None), str) else None
+    path.write_text(json.dumps(portable_tokenizer_config(config, template), indent=2, ensure_ascii=False) + "\n",
+                    encoding="utf-8")

@@ -1,28 +1,170 @@
-"""Pieces every loop we own shares: schedule, parameter groups, checkpoints,
-graceful interruption, progress lines, metric logs and MFU.
+"""The one home of what the stages share: rank-0 printing, library silencing,
+tracker and memory checks, data order, schedule, parameter groups, graceful
+interruption, progress lines, metric logs and MFU.
 
-Checkpoints are directories `OUT/checkpoints/step-000200/` written through a
-temporary directory and renamed into place, so a kill at any moment leaves
-the previous checkpoint or the new one, never a broken one. `state.json` is
-written last inside the temporary directory and is what marks a checkpoint as
-valid.
+Checkpoints have their own module, lifecycle/checkpoints.py (one vocabulary for
+our loops' `step-N` and the Trainer's `checkpoint-N`).
+
+No torch at module level: `lifecycle.runner` and the TRL-based stages import
+this before they need torch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
-import os
 import shutil
 import signal
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
-from lifecycle.artifacts import atomic_write_json
 from lifecycle.errors import UsageError
 
-STATE = "state.json"
+
+# ---------------------------------------------------------------------------
+# Printing and library chatter
+# ---------------------------------------------------------------------------
+def say(*parts: Any) -> None:
+    """Print on the main process only (every rank runs the same code; one line per event)."""
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        print(*parts, flush=True)
+
+
+def quiet() -> None:
+    """Silence library chatter (load/map progress bars, advisory warnings); our own progress lines stay."""
+    import warnings
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # "Failed to load CPU gemm_4bit_forward ...": optional kernel
+    logging.getLogger("accelerate").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*is deprecated and will be removed in v6.*", category=FutureWarning)
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+
+
+@contextlib.contextmanager
+def quiet_saving() -> Iterator[None]:
+    """Around a save of model weights: no "Removed shared tensor" warning and no "Writing model shards" bar.
+
+    Both come from tied input/output embeddings and from transformers' shard loop:
+    Accelerate's save_state drops the tied copy and says so at WARNING on every
+    save, although loading restores the tie; save_pretrained shows a progress bar
+    even for one shard. Only these two are turned off, and only while saving.
+    """
+    import transformers
+
+    log = logging.getLogger("accelerate.utils.other")
+    level = log.level
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    log.setLevel(logging.ERROR)
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+        if bars:
+            transformers.utils.logging.enable_progress_bar()
+
+
+def format_eta(seconds: float) -> str:
+    """`4m05s`, or `1h07m` from an hour on."""
+    seconds = max(0, int(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+# ---------------------------------------------------------------------------
+# Checks every stage makes before loading weights
+# ---------------------------------------------------------------------------
+def check_tracker(cfg: Any) -> None:
+    """--report-to needs its package; say so before any weights are loaded."""
+    import importlib.util
+
+    if cfg.report_to != "none" and importlib.util.find_spec(cfg.report_to) is None:
+        raise UsageError(f"--report-to {cfg.report_to} needs the {cfg.report_to} package, which is not installed; "
+                         f"pip install 'llm-lifecycle[{cfg.report_to}]' or drop --report-to")
+
+
+def tensorboard_dir(out: str | Path) -> Path:
+    """Where every stage's TensorBoard events go: OUT/tb/<stage>/."""
+    return Path(out) / "tb"
+
+
+def check_memory(cfg: Any, model: Any, stage: str, *, batch_size: int | None = None, seq_len: int | None = None,
+                 gpus: int = 1, echo=None):
+    """The memory estimator's verdict for a stage config: refuse (unless --force) a run that will not fit the GPU.
+
+    `model` is a model config (a config.json's content as a dict) or an input
+    Artifact (its config.json is read; a hub id is not checked). The batch is the
+    config's micro-batch, the sequence its seq_len (pretrain) or max_length, unless
+    given. Returns the estimate, or None where there is nothing to estimate (a hub
+    id, or an architecture the estimator cannot model: it says so in one line).
+    """
+    from lifecycle import memory
+
+    if not isinstance(model, dict):
+        if getattr(model, "hub", False):
+            return None
+        model = json.loads((Path(model.path) / "config.json").read_text(encoding="utf-8"))
+    if getattr(cfg, "qlora", False):
+        method = "qlora"
+    elif getattr(cfg, "lora", False) or getattr(cfg, "dora", False):
+        method = "lora"
+    else:
+        method = "full"
+    kw: dict[str, Any] = {"dtype": {"bf16": "bf16", "fp16": "fp16"}.get(cfg.mixed_precision, "fp32")}
+    if hasattr(cfg, "lora_r"):
+        kw["lora_r"] = cfg.lora_r
+    if getattr(cfg, "gradient_checkpointing", False):
+        kw["grad_ckpt"] = "full"
+    if seq_len is None:
+        seq_len = getattr(cfg, "seq_len", None) or cfg.max_length
+    return memory.check_fits(model, stage=stage, method=method, batch_size=batch_size or cfg.batch_size,
+                             seq_len=seq_len, force=cfg.force, gpus=gpus, echo=echo or say, **kw)
+
+
+# ---------------------------------------------------------------------------
+# Data order
+# ---------------------------------------------------------------------------
+def batch_indices(step: int, global_batch: int, n: int, seed: int, *, rng: str = "torch") -> list[int]:
+    """Indices of the global batch for `step`: items [step·G, (step+1)·G) of an endless stream
+    of seeded per-epoch permutations of range(n).
+
+    A pure function of (seed, step), so resuming needs only the step number, and
+    every epoch visits each item once. `rng` picks how an epoch's permutation is
+    drawn; each stage keeps the one it was tuned with, so its data order never moves:
+      "torch":  torch.randperm with a generator seeded seed·100003 + epoch (pretrain)
+      "python": random.Random(seed·1000003 + epoch).shuffle (ppo)
+    """
+    if rng not in ("torch", "python"):
+        raise ValueError(f"rng={rng!r}; expected 'torch' or 'python'")
+    out: list[int] = []
+    start = step * global_batch
+    while len(out) < global_batch:
+        epoch, offset = divmod(start + len(out), n)
+        if rng == "torch":
+            import torch
+
+            g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+            perm = torch.randperm(n, generator=g).tolist()
+        else:
+            import random
+
+            perm = list(range(n))
+            random.Random(seed * 1_000_003 + epoch).shuffle(perm)
+        take = min(global_batch - len(out), n - offset)
+        out.extend(perm[offset : offset + take])
+    return out
 
 
 # ---------------------------------------------------------------------------
@@ -72,90 +214,16 @@ def param_groups(model, weight_decay: float) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------
-# Checkpoints
+# Checkpoints: their home is lifecycle/checkpoints.py; these names stay importable from here
 # ---------------------------------------------------------------------------
-def checkpoint_root(out: str | Path) -> Path:
-    return Path(out) / "checkpoints"
-
-
-def list_checkpoints(out: str | Path) -> list[Path]:
-    """Valid checkpoints (state.json present), oldest first."""
-    root = checkpoint_root(out)
-    if not root.is_dir():
-        return []
-    cks = [d for d in root.iterdir() if d.is_dir() and d.name.startswith("step-") and (d / STATE).is_file()]
-    return sorted(cks, key=lambda d: int(d.name.split("-")[1]))
-
-
-def latest_checkpoint(out: str | Path) -> Path | None:
-    """The newest checkpoint whose state.json parses; a damaged newest one falls back to the one before."""
-    for ck in reversed(list_checkpoints(out)):
-        try:
-            json.loads((ck / STATE).read_text(encoding="utf-8"))
-            return ck
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-            continue
-    return None
-
-
-def require_checkpoint(out: str | Path) -> Path:
-    ck = latest_checkpoint(out)
-    if ck is None:
-        raise UsageError(f"--resume given but no checkpoint under {checkpoint_root(out)}; drop --resume to start a new run")
-    return ck
-
-
-def save_checkpoint(accelerator, out: str | Path, step: int, state: dict, keep: int, extra_files: dict | None = None) -> Path:
-    """Save model/optimizer/RNG (Accelerate's save_state) plus our JSON state, atomically.
-
-    All processes call this (Accelerate saves each rank's RNG); the main process
-    renames the finished directory into place and prunes old checkpoints.
-    """
-    root = checkpoint_root(out)
-    final = root / f"step-{step:06d}"
-    tmp = root / f".tmp-step-{step:06d}"
-    if accelerator.is_main_process:
-        root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        for name, obj in (extra_files or {}).items():
-            atomic_write_json(tmp / name, obj)
-        atomic_write_json(tmp / STATE, {"step": step, **state})
-        _fsync_dir(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(root)
-        for old in list_checkpoints(out)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-        # Leftover temporaries from killed runs.
-        for stale in root.glob(".tmp-step-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def load_checkpoint(accelerator, ck: Path) -> dict:
-    """Restore model/optimizer/RNG from `ck` (safetensors + weights_only loads) and return our JSON state."""
-    accelerator.load_state(str(ck))
-    return json.loads((ck / STATE).read_text(encoding="utf-8"))
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+from lifecycle.checkpoints import (  # noqa: E402,F401
+    checkpoint_root,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    require_checkpoint,
+    save_checkpoint,
+)
 
 
 def check_disk(out: str | Path, n_params: int, keep: int, bytes_per_param: int = 12) -> None:
@@ -246,13 +314,6 @@ class MetricLog:
         if self.main:
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write(json.dumps({"step": step, **metrics}) + "\n")
-
-
-def format_eta(seconds: float) -> str:
-    seconds = max(0, int(seconds))
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
 class Throughput:

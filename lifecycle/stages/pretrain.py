@@ -24,12 +24,14 @@ import math
 import time
 from pathlib import Path
 
+from lifecycle import checkpoints
 from lifecycle.config import PretrainConfig, to_dict
 from lifecycle.errors import Interrupted, UsageError
+from lifecycle.training import batch_indices, check_tracker, say
 
 
 # ---------------------------------------------------------------------------
-# Packing and data order (pure, tested on their own)
+# Packing (pure, tested on its own); the data order is training.batch_indices
 # ---------------------------------------------------------------------------
 def pack(token_lists: list[list[int]], eos_id: int, seq_len: int):
     """Join documents with EOS after each and cut the stream into (n_blocks, seq_len) blocks.
@@ -48,22 +50,6 @@ def pack(token_lists: list[list[int]], eos_id: int, seq_len: int):
         i += n + 1
     n_blocks = total // seq_len
     return stream[: n_blocks * seq_len].view(n_blocks, seq_len), total - n_blocks * seq_len
-
-
-def batch_indices(step: int, global_batch: int, n_blocks: int, seed: int):
-    """Indices of the global batch for `step` in the endless stream of per-epoch permutations."""
-    import torch
-
-    start = step * global_batch
-    out = []
-    while len(out) < global_batch:
-        pos = start + len(out)
-        epoch, offset = divmod(pos, n_blocks)
-        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-        perm = torch.randperm(n_blocks, generator=g)
-        take = min(global_batch - len(out), n_blocks - offset)
-        out.extend(perm[offset : offset + take].tolist())
-    return out
 
 
 # ---------------------------------------------------------------------------
@@ -93,17 +79,27 @@ def _load_corpus(cfg: PretrainConfig) -> tuple[list[str], list[str], str]:
     return train_docs, eval_docs, f"{len(train_docs)} training / {len(eval_docs)} held-out documents from {', '.join(cfg.data)}"
 
 
+def sample_prompt(cfg: PretrainConfig, eval_docs: list[str], tokenizer, n_tokens: int = 8) -> str:
+    """The prompt of the greedy sample shown at each evaluation: --sample-prompt if set; on the
+    user's data otherwise the first few tokens of a held-out document (the default prompt
+    belongs to the built-in world and means nothing to a model of other text)."""
+    default = PretrainConfig.__dataclass_fields__["sample_prompt"].default
+    if not cfg.data or cfg.sample_prompt != default or not eval_docs:
+        return cfg.sample_prompt
+    ids = tokenizer(eval_docs[0], add_special_tokens=False)["input_ids"]
+    return tokenizer.decode(ids[: max(1, min(n_tokens, len(ids) // 2))])
+
+
 def _preflight(cfg: PretrainConfig) -> Path | None:
     """Checks that need no weights: output path, tracker, resume checkpoint. Returns the checkpoint to resume."""
-    from lifecycle.finetune import check_tracker
-    from lifecycle.training import require_checkpoint
-
     check_tracker(cfg)
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {cfg.out} is a file; give a directory path")
     if cfg.resume:
-        return require_checkpoint(out)
+        ck = checkpoints.require_checkpoint(out)
+        checkpoints.check_fingerprint(ck, cfg)
+        return ck
     if cfg.tokenizer and not Path(cfg.tokenizer).exists():
         from lifecycle.artifacts import looks_like_hub_id
 
@@ -119,12 +115,12 @@ def run(cfg: PretrainConfig) -> Path:
 
     if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise UsageError("mixed_precision=fp16 needs a CUDA GPU (loss scaling); on CPU use bf16 or no")
-    from accelerate.utils import set_seed
+    from accelerate.utils import ProjectConfiguration, set_seed
 
     from lifecycle import artifacts, training
     from lifecycle.generate import generate_batch
     from lifecycle.modeling import build_model, context_length, count_params, model_config
-    from lifecycle.tokenizer import load_tokenizer, train_tokenizer
+    from lifecycle.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
 
     out = Path(cfg.out)
     tok_dir = out / "checkpoints" / "tokenizer"
@@ -133,9 +129,9 @@ def run(cfg: PretrainConfig) -> Path:
     acc = training.make_accelerator(
         mixed_precision=cfg.mixed_precision,
         log_with=None if cfg.report_to == "none" else cfg.report_to,
-        project_dir=str(out),
+        # TensorBoard events in OUT/tb/pretrain, where every stage puts its own
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(training.tensorboard_dir(out))),
     )
-    say = acc.print
     set_seed(cfg.seed)
 
     # -- 1. corpus (read above) ---------------------------------------------------
@@ -177,10 +173,10 @@ def run(cfg: PretrainConfig) -> Path:
     mconf = model_config(cfg.model, len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id)
     if cfg.seq_len > context_length(mconf):
         raise UsageError(f"seq_len={cfg.seq_len} exceeds the model's context of {context_length(mconf)} positions; lower seq_len or pick a larger model")
-    _check_memory(cfg, mconf, acc)
+    training.check_memory(cfg, mconf.to_dict(), "pretrain", gpus=acc.num_processes)
     if ck is None and acc.is_main_process:  # all checks passed: now the run may write
         tok_dir.mkdir(parents=True, exist_ok=True)
-        tokenizer.save_pretrained(tok_dir)
+        save_tokenizer(tokenizer, tok_dir)
     torch.manual_seed(cfg.seed)
     model = build_model(mconf)
     if cfg.gradient_checkpointing:
@@ -234,14 +230,16 @@ def run(cfg: PretrainConfig) -> Path:
         outs = generate_batch(acc.unwrap_model(model), tokenizer, prompts, max_new_tokens=5)
         return sum(o.text.split()[:1] == [str(p.answer)] for p, o in zip(probs, outs)) / len(probs)
 
+    prompt = sample_prompt(cfg, eval_docs, tokenizer)
+
     def sample_text() -> str:
         m = acc.unwrap_model(model)
-        s = generate_batch(m, tokenizer, [cfg.sample_prompt], max_new_tokens=12)[0]
-        return (cfg.sample_prompt + s.text).replace("\n", " ")
+        s = generate_batch(m, tokenizer, [prompt], max_new_tokens=12)[0]
+        return (prompt + s.text).replace("\n", " ")
 
     # -- 5. resume ---------------------------------------------------------------
     if ck is not None:
-        state = training.load_checkpoint(acc, ck)
+        state = checkpoints.load_checkpoint(acc, ck)
         start, tokens_seen, eval_initial = state["step"], state["tokens_seen"], state["eval_loss_initial"]
         train_time = state.get("train_seconds", 0.0)
         say(f"resumed from {ck} at step {start}")
@@ -261,6 +259,8 @@ def run(cfg: PretrainConfig) -> Path:
         f"{world} process(es) x seq {cfg.seq_len}); measured matmul peak {peak / 1e9:.1f} GFLOP/s")
 
     # -- 6. the loop ---------------------------------------------------------------
+    recipe = checkpoints.fingerprint(cfg)  # recorded in each checkpoint, checked on resume
+    ck_state = {"tokens_seen": tokens_seen, "eval_loss_initial": eval_initial, "train_seconds": train_time, "fingerprint": recipe}
     model.train()
     meter = training.Throughput(start, total)
     eval_loss = eval_initial
@@ -310,12 +310,13 @@ def run(cfg: PretrainConfig) -> Path:
                 say(f"step {step}: held-out loss {eval_loss:.4f} (ppl {math.exp(eval_loss):.2f}){shown} | sample: {sample!r}")
                 log.log(step, eval_loss=eval_loss, eval_ppl=math.exp(eval_loss), sample=sample,
                         **({"heldout_completion_accuracy": correct} if correct is not None else {}))
-            ck_state = {"tokens_seen": tokens_seen, "eval_loss_initial": eval_initial, "train_seconds": train_time}
+            ck_state = {"tokens_seen": tokens_seen, "eval_loss_initial": eval_initial, "train_seconds": train_time,
+                        "fingerprint": recipe}
             if stop.requested:
-                path = training.save_checkpoint(acc, out, step, ck_state, cfg.keep_checkpoints)
+                path = checkpoints.save_checkpoint(acc, out, step, ck_state, cfg.keep_checkpoints)
                 raise Interrupted(f"{stop.requested} at step {step}: checkpoint saved to {path}; continue with --resume")
             if cfg.save_every and step % cfg.save_every == 0 and step < total:
-                training.save_checkpoint(acc, out, step, ck_state, cfg.keep_checkpoints)
+                checkpoints.save_checkpoint(acc, out, step, ck_state, cfg.keep_checkpoints)
 
     # -- 7. the artifact -------------------------------------------------------
     if step == start:  # resumed from the final checkpoint: nothing left to train, measure afresh
@@ -337,15 +338,17 @@ def run(cfg: PretrainConfig) -> Path:
     if acc_final is not None:
         metrics["heldout_completion_accuracy"] = acc_final
     # A final checkpoint makes `--resume` on a finished run a no-op rather than an error.
-    training.save_checkpoint(acc, out, total, {"tokens_seen": tokens_seen, "eval_loss_initial": eval_initial,
-                                               "train_seconds": train_time}, cfg.keep_checkpoints)
+    checkpoints.save_checkpoint(acc, out, total, {**ck_state, "tokens_seen": tokens_seen, "train_seconds": train_time},
+                                cfg.keep_checkpoints)
     if acc.is_main_process:
         m = acc.unwrap_model(model)
         m.generation_config.eos_token_id = tokenizer.eos_token_id
         m.generation_config.pad_token_id = tokenizer.pad_token_id
-        artifacts.save_model_artifact(
-            m, tokenizer, out, stage="pretrain", config=to_dict(cfg), metrics=metrics, parent=None, seed=cfg.seed,
-        )
+        staging = artifacts.staging_dir(out)
+        with training.quiet_saving():
+            m.save_pretrained(staging, safe_serialization=True)
+        save_tokenizer(tokenizer, staging)  # readable by transformers 4.x too
+        artifacts.publish(staging, out, stage="pretrain", config=to_dict(cfg), metrics=metrics, parent=None, seed=cfg.seed)
         if acc_final is not None:
             say(f"held-out sums completed correctly: {100 * acc_final:.1f}%")
         say(f"held-out loss {eval_initial:.3f} -> {eval_loss:.3f} ({eval_initial - eval_loss:.2f} nats) | "
@@ -366,19 +369,3 @@ def _same_on_all_ranks(acc, text: str) -> None:
     digests = [None] * acc.num_processes
     dist.all_gather_object(digests, hashlib.sha256(text.encode()).hexdigest())
     assert len(set(digests)) == 1, "ranks built different tokenizers; pass --tokenizer to share one"
-
-
-def _check_memory(cfg: PretrainConfig, mconf, acc) -> None:
-    """Warn or refuse (unless --force) when the memory estimate exceeds the device (GPU only)."""
-    try:
-        from lifecycle import memory
-    except ImportError:
-        return
-    check = getattr(memory, "check_fits", None)
-    if check is None:
-        return
-    check(
-        mconf.to_dict(), stage="pretrain", method="full", batch_size=cfg.batch_size, seq_len=cfg.seq_len,
-        dtype="bf16" if cfg.mixed_precision == "bf16" else ("fp16" if cfg.mixed_precision == "fp16" else "fp32"),
-        grad_ckpt="full" if cfg.gradient_checkpointing else "none", gpus=acc.num_processes, force=cfg.force,
-    )
