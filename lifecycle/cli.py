@@ -1,5 +1,13 @@
 """The `llm` command line: parse flags, build the stage's config, call the stage.
 
+The commands of the stages and of `estimate-memory` are built from the config
+dataclasses in `lifecycle/config.py`: every field becomes a flag with the
+field's name, type, default and help (`lr` -> `--lr`, `save_every` ->
+`--save-every`, a bool `merge` -> `--merge/--no-merge`), so an option is
+described once, and a field shared by several stages is one flag definition.
+Only flags given on the command line override the recipe: defaults <- --config
+YAML <- --set key=value <- flags.
+
 This is the only place that turns errors into exit codes: a `UsageError` (or a
 bad flag) prints one `error: ...` line and exits 2, with no traceback. torch
 and friends are imported inside the commands, so `llm --help` answers at once.
@@ -7,14 +15,17 @@ and friends are imported inside the commands, so `llm --help` answers at once.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import importlib
+import inspect
 import sys
-from typing import List, Optional
+from typing import Any, Callable, List, Optional
 
 import typer
 
-from lifecycle.config import PretrainConfig, build_config, describe, dump_yaml, parse_set
-from lifecycle.config import RewardConfig, SFTConfig
-from lifecycle.config import PPOConfig
+from lifecycle.config import (STAGE_CONFIGS, EstimateMemoryConfig, build_config, dump_yaml, field_default,
+                              field_types, parse_set)
 from lifecycle.errors import Interrupted, TrainingDiverged, UsageError
 
 app = typer.Typer(
@@ -25,174 +36,119 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 
-CONFIG_HELP = "Recipe YAML that fills the config (flags override it), e.g. recipes/default/pretrain.yaml."
-SET_HELP = "Override any config option: --set key=value (repeatable). The options are listed below."
-
-
-def _overrides(set_: Optional[List[str]], **flags) -> dict:
-    """Flags the user gave (not None/False) plus --set pairs; explicit flags win over --set."""
-    out = parse_set(set_)
-    for k, v in flags.items():
-        if v is None or v is False or v == []:
-            continue
-        out[k] = v
-    return out
-
-
-def _run_stage(cls: type, module: str, config: Optional[str], overrides: dict, print_config: bool) -> None:
-    cfg = build_config(cls, config, overrides, check=not print_config)
-    if print_config:
-        typer.echo(dump_yaml(cfg), nl=False)
-        return
-    import importlib
-
-    stage = importlib.import_module(f"lifecycle.stages.{module}")
-    stage.run(cfg)
-
-
-def _not_yet(name: str) -> None:
-    raise UsageError(f"`llm {name}` is not implemented yet in this version")
+# The options every stage command has besides its config's fields.
+RECIPE_OPTIONS = {
+    "config": (Optional[str], typer.Option(
+        None, "--config", help="Recipe YAML that fills the config (flags override it), e.g. recipes/default/sft.yaml.")),
+    "set_": (Optional[List[str]], typer.Option(
+        None, "--set", help="Override any config option: --set key=value (repeatable); flags win over --set.")),
+    "print_config": (bool, typer.Option(False, "--print-config", help="Print the resolved config and exit.")),
+}
 
 
 # ---------------------------------------------------------------------------
-@app.command(epilog="Config options (set with --set key=value or in the --config YAML):\n\n" + describe(PretrainConfig))
-def pretrain(
-    out: Optional[str] = typer.Option(None, "--out", help="Output artifact directory; checkpoints go to OUT/checkpoints."),
-    config: Optional[str] = typer.Option(None, "--config", help=CONFIG_HELP),
-    data: Optional[List[str]] = typer.Option(None, "--data", help="Training text file(s) or a datasets hub id (repeatable); default: the built-in world."),
-    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="Reuse this tokenizer instead of training one."),
-    model: Optional[str] = typer.Option(None, "--model", help="Model preset name or a config.json path."),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after N optimizer steps."),
-    save_every: Optional[int] = typer.Option(None, "--save-every", help="Checkpoint every N steps."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in OUT/checkpoints."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed."),
-    report_to: Optional[str] = typer.Option(None, "--report-to", help="none | tensorboard | wandb."),
-    force: bool = typer.Option(False, "--force", help="Run even if the memory estimate says it will not fit."),
-    set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
-    print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config and exit."),
-) -> None:
-    """Train a decoder-only model and its tokenizer from scratch."""
-    ov = _overrides(set_, out=out, data=data, tokenizer=tokenizer, model=model, max_steps=max_steps,
-                    save_every=save_every, resume=resume, seed=seed, report_to=report_to, force=force)
-    _run_stage(PretrainConfig, "pretrain", config, ov, print_config)
+# Flags from config fields
+# ---------------------------------------------------------------------------
+def flag_name(f: dataclasses.Field) -> str:
+    """`--save-every` for `save_every`, or the field's own `flag` metadata (`as_json` -> `--json`)."""
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
 
 
-LORA_HELP = "Train LoRA adapters (rank lora_r on every linear layer by default) instead of all weights."
-QLORA_HELP = "QLoRA: LoRA adapters on a 4-bit NF4 copy of the base (bitsandbytes; works on CPU too)."
-DORA_HELP = "DoRA: weight-decomposed LoRA (implies --lora unless --qlora)."
-NO_MERGE_HELP = "Keep only the adapter (OUT/adapter); by default OUT also holds it merged into a plain model."
+@functools.cache
+def field_option(f: dataclasses.Field, typ: Any) -> Any:
+    """The flag of one config field: its name, default and help are the field's.
+
+    Cached per field, so a field that several configs inherit from one group
+    (PeftCommon.lora_r in sft, reward and ppo) is one flag definition.
+    """
+    name = flag_name(f)
+    names = [f"{name}/--no-{name[2:]}"] if typ is bool else [name]
+    return typer.Option(field_default(f), *names, help=f.metadata.get("help", ""))
 
 
-@app.command(epilog="Config options (set with --set key=value or in the --config YAML):\n\n" + describe(SFTConfig))
-def sft(
-    base: Optional[str] = typer.Option(None, "--base", help="Causal-LM artifact to fine-tune (`llm pretrain` output) or a hub model id."),
-    out: Optional[str] = typer.Option(None, "--out", help="Output artifact directory; checkpoints go to OUT/checkpoints."),
-    data: Optional[List[str]] = typer.Option(None, "--data", help="Instruction data file(s) or a datasets hub id (repeatable; see docs/data.md); default: the built-in world."),
-    config: Optional[str] = typer.Option(None, "--config", help="Recipe YAML that fills the config (flags override it), e.g. recipes/default/sft.yaml."),
-    lora: bool = typer.Option(False, "--lora", help=LORA_HELP),
-    qlora: bool = typer.Option(False, "--qlora", help=QLORA_HELP),
-    dora: bool = typer.Option(False, "--dora", help=DORA_HELP),
-    no_merge: bool = typer.Option(False, "--no-merge", help=NO_MERGE_HELP),
-    packing: bool = typer.Option(False, "--packing", help="Pack several examples into each max_length block."),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after N optimizer steps."),
-    save_every: Optional[int] = typer.Option(None, "--save-every", help="Checkpoint every N steps."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in OUT/checkpoints."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed."),
-    report_to: Optional[str] = typer.Option(None, "--report-to", help="none | tensorboard | wandb."),
-    set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
-    print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config and exit."),
-) -> None:
-    """Supervised fine-tuning on instructions (full, --lora, --qlora, --dora)."""
-    ov = _overrides(set_, base=base, out=out, data=data, lora=lora, qlora=qlora, dora=dora, packing=packing,
-                    max_steps=max_steps, save_every=save_every, resume=resume, seed=seed, report_to=report_to)
-    if no_merge:
-        ov["merge"] = False
-    _run_stage(SFTConfig, "sft", config, ov, print_config)
+def _annotation(typ: Any) -> Any:
+    return List[str] if typ is list else typ
 
 
-@app.command(epilog="Config options (set with --set key=value or in the --config YAML):\n\n" + describe(RewardConfig))
-def reward(
-    base: Optional[str] = typer.Option(None, "--base", help="Causal-LM artifact (usually the `llm sft` output) or hub id; on the built-in world its samples make the pairs."),
-    out: Optional[str] = typer.Option(None, "--out", help="Output artifact directory; checkpoints go to OUT/checkpoints."),
-    data: Optional[List[str]] = typer.Option(None, "--data", help="Preference data file(s) or a datasets hub id with chosen/rejected (see docs/data.md); default: the built-in world."),
-    init_from: Optional[str] = typer.Option(None, "--init-from", help="Start the reward model's backbone from this causal LM instead of --base."),
-    config: Optional[str] = typer.Option(None, "--config", help="Recipe YAML that fills the config (flags override it), e.g. recipes/default/reward.yaml."),
-    lora: bool = typer.Option(False, "--lora", help=LORA_HELP),
-    qlora: bool = typer.Option(False, "--qlora", help=QLORA_HELP),
-    dora: bool = typer.Option(False, "--dora", help=DORA_HELP),
-    no_merge: bool = typer.Option(False, "--no-merge", help=NO_MERGE_HELP),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after N optimizer steps."),
-    save_every: Optional[int] = typer.Option(None, "--save-every", help="Checkpoint every N steps."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in OUT/checkpoints."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed."),
-    report_to: Optional[str] = typer.Option(None, "--report-to", help="none | tensorboard | wandb."),
-    set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
-    print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config and exit."),
-) -> None:
-    """Train a reward model on preference pairs (full, --lora, --qlora, --dora)."""
-    ov = _overrides(set_, base=base, out=out, data=data, init_from=init_from, lora=lora, qlora=qlora, dora=dora,
-                    max_steps=max_steps, save_every=save_every, resume=resume, seed=seed, report_to=report_to)
-    if no_merge:
-        ov["merge"] = False
-    _run_stage(RewardConfig, "reward", config, ov, print_config)
+def config_command(cls: type, action: Callable[[Any], None], *, recipe: bool) -> Callable[..., None]:
+    """A Typer command whose flags are `cls`'s fields; it builds the config and hands it to `action`.
+
+    With `recipe`, the command also takes --config, --set and --print-config,
+    and a flag overrides only when it was given on the command line (its
+    default shows the dataclass default, but must not overwrite the YAML).
+    """
+    types = field_types(cls)
+    assert not set(types) & (set(RECIPE_OPTIONS) | {"ctx"}), f"{cls.__name__} has a field named like a CLI option"
+    kw = inspect.Parameter.KEYWORD_ONLY
+    params = [inspect.Parameter("ctx", kw, annotation=typer.Context)]
+    params += [inspect.Parameter(f.name, kw, annotation=_annotation(types[f.name]), default=field_option(f, types[f.name]))
+               for f in dataclasses.fields(cls)]
+    if recipe:
+        params += [inspect.Parameter(n, kw, annotation=a, default=o) for n, (a, o) in RECIPE_OPTIONS.items()]
+
+    def command(ctx: typer.Context, **values: Any) -> None:
+        if not recipe:
+            action(cls(**{k: values[k] for k in types}))
+            return
+        flags = {k: v for k, v in values.items() if k in types and _given(ctx, k)}
+        cfg = build_config(cls, values["config"], {**parse_set(values["set_"]), **flags}, check=not values["print_config"])
+        if values["print_config"]:
+            typer.echo(dump_yaml(cfg), nl=False)
+        else:
+            action(cfg)
+
+    command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    command.__doc__ = summary(cls)
+    return command
 
 
-@app.command(epilog="Config options (set with --set key=value or in the --config YAML):\n\n" + describe(PPOConfig))
-def ppo(
-    policy: Optional[str] = typer.Option(None, "--policy", help="The SFT policy (causal-LM artifact or hub id): the actor starts from it and it is the frozen reference."),
-    reward: Optional[str] = typer.Option(None, "--reward", help="The reward model (`llm reward` output: a one-label sequence classifier); frozen."),
-    out: Optional[str] = typer.Option(None, "--out", help="Output artifact directory; checkpoints go to OUT/checkpoints, the critic to OUT/critic."),
-    config: Optional[str] = typer.Option(None, "--config", help="Recipe YAML that fills the config (flags override it), e.g. recipes/default/ppo.yaml."),
-    prompts: Optional[str] = typer.Option(None, "--prompts", help="Prompt file or datasets hub id; default: the built-in world's problems."),
-    lora: bool = typer.Option(False, "--lora", help="Train a LoRA adapter on the actor; the reference is the actor with the adapter disabled."),
-    qlora: bool = typer.Option(False, "--qlora", help="As --lora, on a 4-bit NF4 copy of the policy."),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after N PPO iterations (rollout batch + its epochs)."),
-    save_every: Optional[int] = typer.Option(None, "--save-every", help="Checkpoint every N iterations."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in OUT/checkpoints."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed."),
-    strict: bool = typer.Option(False, "--strict", help="Refuse to start when the reward-model quality gate fails."),
-    stop_on_collapse: bool = typer.Option(False, "--stop-on-collapse", help="Save a checkpoint and stop when the watchdog raises an alarm."),
-    explain: bool = typer.Option(False, "--explain", help="Print the batch hierarchy and memory estimate, then exit."),
-    report_to: Optional[str] = typer.Option(None, "--report-to", help="none | tensorboard | wandb."),
-    force: bool = typer.Option(False, "--force", help="Run even if the memory estimate says it will not fit."),
-    set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
-    print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config and exit."),
-) -> None:
-    """RLHF with PPO against a reward model (actor, frozen reference, frozen reward model, critic)."""
-    ov = _overrides(set_, policy=policy, reward=reward, out=out, prompts=prompts, lora=lora, qlora=qlora,
-                    max_steps=max_steps, save_every=save_every, resume=resume, seed=seed, strict=strict,
-                    stop_on_collapse=stop_on_collapse, explain=explain, report_to=report_to, force=force)
-    _run_stage(PPOConfig, "ppo", config, ov, print_config)
+def _given(ctx: typer.Context, name: str) -> bool:
+    """Whether the user typed this flag (not its default showing through)."""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name == "COMMANDLINE"
 
 
-@app.command("estimate-memory")
-def estimate_memory(
-    model: str = typer.Option(..., "--model", help="An artifact directory, a config.json, or a preset: llama-2-7b, llama-2-13b, llama-2-70b, llama-3-8b, mistral-7b, qwen2.5-0.5b, qwen2.5-7b, gpt2, gpt2-medium, gpt2-large, gpt2-xl, or the project's own (llama-tiny, ...)."),
-    stage: str = typer.Option("sft", "--stage", help="pretrain | sft | reward | ppo | inference."),
-    method: str = typer.Option("full", "--method", help="full | lora | qlora (NF4 with double quantization)."),
-    lora_r: int = typer.Option(16, "--lora-r", help="LoRA rank (adapters on every linear layer of the blocks)."),
-    dtype: str = typer.Option("bf16", "--dtype", help="bf16 | fp16 | fp32."),
-    precision: Optional[str] = typer.Option(None, "--precision", help="mixed (default for 16-bit: fp32 master weights, 16-bit compute) | pure (16-bit weights and optimizer states)."),
-    mp_style: Optional[str] = typer.Option(None, "--mp-style", help="How mixed precision keeps weights: autocast (fp32 weights and grads + 16-bit copies; default without ZeRO) | master (16-bit weights and grads + fp32 master copy, as DeepSpeed; default with ZeRO)."),
-    optimizer: str = typer.Option("adamw", "--optimizer", help="adamw | adamw8bit | paged_adamw8bit | sgd (momentum) | adafactor."),
-    batch_size: int = typer.Option(1, "--batch-size", help="Micro-batch per GPU (sequences; reward: pairs)."),
-    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Tokens per sequence (default: 2048 or the model's context if shorter)."),
-    grad_ckpt: str = typer.Option("none", "--grad-ckpt", help="none | full (checkpoint every decoder layer)."),
-    attn: str = typer.Option("sdpa", "--attn", help="sdpa (flash / memory-efficient: no s x s matrices kept) | eager."),
-    zero: int = typer.Option(0, "--zero", help="DeepSpeed ZeRO stage: 1 shards optimizer state, 2 also gradients, 3 also weights, over --gpus."),
-    gpus: int = typer.Option(1, "--gpus", help="Data-parallel GPUs."),
-    gpu_memory: Optional[str] = typer.Option(None, "--gpu-memory", help="Memory per GPU (80GiB, 24GB, ...): adds a verdict and the largest micro-batch that fits."),
-    device: str = typer.Option("cuda", "--device", help="cuda | cpu: whose kernel rules to apply (dropout masks, SDPA fallbacks) and whether to add the CUDA context."),
-    as_json: bool = typer.Option(False, "--json", help="Print the estimate as JSON."),
-    measure: bool = typer.Option(False, "--measure", help="Also build the model, run one real training step on this machine and print estimated vs measured per row."),
-) -> None:
-    """Predict per-GPU training memory: weights, grads, optimizer state, activations, logits, overhead."""
+def summary(cls: type) -> str:
+    """The command's help: the config's docstring without its "`llm x`: " prefix."""
+    doc = inspect.cleandoc(cls.__doc__ or "")
+    if doc.startswith("`llm ") and "`: " in doc:
+        doc = doc.split("`: ", 1)[1]
+    return doc[:1].upper() + doc[1:]
+
+
+# ---------------------------------------------------------------------------
+# The commands
+# ---------------------------------------------------------------------------
+def run_stage(name: str, cfg: Any) -> None:
+    """Import the stage (torch from here on) and run it; `llm ppo --explain` only explains."""
+    stage = importlib.import_module(f"lifecycle.stages.{name}")
+    explain = getattr(stage, "explain", None)
+    # ppo.explain(cfg) prints the batch hierarchy and the memory of the four roles and returns the text.
+    if getattr(cfg, "explain", False) and explain is not None and len(inspect.signature(explain).parameters) == 1:
+        explain(cfg)
+    else:
+        stage.run(cfg)
+
+
+for _name, _cls in STAGE_CONFIGS.items():
+    app.command(_name)(config_command(_cls, functools.partial(run_stage, _name), recipe=True))
+
+
+def estimate_memory(cfg: EstimateMemoryConfig) -> None:
+    """The estimate (no torch), or with --measure one real training step beside it."""
+    args = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name != "measure"}
+    if cfg.measure:
+        from lifecycle import memory_measure  # torch from here on
+
+        if hasattr(memory_measure, "cli_measure"):
+            memory_measure.cli_measure(**args, echo=typer.echo)
+            return
     from lifecycle.memory import cli_estimate
 
-    cli_estimate(model=model, stage=stage, method=method, lora_r=lora_r, dtype=dtype, precision=precision,
-                 mp_style=mp_style, optimizer=optimizer, batch_size=batch_size, seq_len=seq_len, grad_ckpt=grad_ckpt,
-                 attn=attn, zero=zero, gpus=gpus, gpu_memory=gpu_memory, device=device, as_json=as_json,
-                 measure=measure, echo=typer.echo)
+    cli_estimate(**args, **({"measure": True} if cfg.measure else {}), echo=typer.echo)
+
+
+app.command("estimate-memory")(config_command(EstimateMemoryConfig, estimate_memory, recipe=False))
 
 
 @app.command()

@@ -2,7 +2,23 @@
 
 A recipe YAML fills a config, command-line flags override it, and `validate`
 reports every problem at once before any weights are loaded. The resolved
-config is saved into the artifact's manifest.
+config is saved into the artifact's manifest. `lifecycle/cli.py` builds each
+command's flags from these fields, so an option's name, type, default and help
+are written here and nowhere else.
+
+A stage's config is composed of shared groups, each a dataclass whose
+`validate` checks its own fields and then hands on to the next group
+(`super().validate()`), so a stage checks every group it is made of:
+
+    TrainCommon    every training stage: output, seed, length, checkpoints, precision, tracking
+    PeftCommon     LoRA and QLoRA (sft, reward, ppo)
+    FinetunePeft   PeftCommon + DoRA and merging the adapter (sft, reward)
+    ChatFormat     how prompts are read and rendered (sft, reward, ppo)
+    TrlTraining    TrainCommon + the base model, data and optimisation of the TRL trainers (sft, reward)
+
+The groups' fields stay flat on the stage's config (`cfg.lora_r`, `cfg.lr`).
+Where a stage needs another default for a shared field, `shared(Group, name,
+default)` restates only the default; the help stays with the group.
 
 The defaults are the built-in world's CPU-sized recipe: `llm pretrain --out DIR`
 with no other flag trains the default model. `recipes/default/*.yaml` restate
@@ -17,7 +33,7 @@ import dataclasses
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import yaml
 
@@ -25,21 +41,64 @@ from lifecycle.errors import UsageError
 
 
 def opt(default: Any, help: str, **kw: Any) -> Any:
-    """A config field with its help text (shown by `llm <stage> --help` and `--print-config`)."""
+    """A config field with its help text (shown by `llm <stage> --help` and `--print-config`).
+
+    `default=...` (Ellipsis) makes the field required. Extra keywords go into the
+    field's metadata; `flag="--name"` gives the command-line flag another name.
+    """
+    if default is ...:
+        return field(metadata={"help": help, **kw})
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kw})
     return field(default=default, metadata={"help": help, **kw})
 
 
+_SAME = object()
+
+
+def shared(group: type, name: str, default: Any = _SAME) -> Any:
+    """`group`'s field `name`, declared again in another config with its help (and, unless given, its default).
+
+    A stage uses it to give a shared option its own default without writing the
+    help a second time.
+    """
+    f = group.__dataclass_fields__[name]
+    if default is _SAME:
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
+    return opt(default, **f.metadata)
+
+
+def field_default(f: dataclasses.Field) -> Any:
+    """A field's default value (a fresh copy for lists); `...` for a required field."""
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return ...
+
+
+class _Checked:
+    """The end of every group's `validate` chain."""
+
+    def validate(self) -> list[str]:
+        """Every problem with these options, one line each (empty when they are fine)."""
+        return []
+
+
+def _at_least_one(cfg: Any, names: tuple[str, ...]) -> list[str]:
+    return [f"{n}={getattr(cfg, n)}; must be at least 1" for n in names if getattr(cfg, n) < 1]
+
+
 # ---------------------------------------------------------------------------
-# Shared training options
+# Shared groups
 # ---------------------------------------------------------------------------
 @dataclass
-class TrainCommon:
+class TrainCommon(_Checked):
     """Options every training stage shares."""
 
     out: str = opt("", "Output artifact directory (required).")
     seed: int = opt(0, "Random seed for data order, initialisation and sampling.")
+    steps: int = opt(2000, "Optimizer steps of the recipe (overridden by --max-steps).")
     max_steps: int = opt(-1, "Optimizer steps to run; -1 means the recipe's length.")
     save_every: int = opt(200, "Write a checkpoint every N optimizer steps (0 disables periodic checkpoints).")
     keep_checkpoints: int = opt(2, "Keep only the newest K checkpoints under OUT/checkpoints.")
@@ -49,8 +108,13 @@ class TrainCommon:
     log_every: int = opt(10, "Print a progress line every N optimizer steps.")
     force: bool = opt(False, "Run even if the memory estimate says the run does not fit the device.")
 
-    def _common_problems(self) -> list[str]:
-        p = []
+    @property
+    def total_steps(self) -> int:
+        """The steps this run trains: --max-steps when given, else the recipe's `steps`."""
+        return self.max_steps if self.max_steps > 0 else self.steps
+
+    def validate(self) -> list[str]:
+        p = super().validate()
         if not self.out:
             p.append("--out is required (the directory the artifact is written to)")
         elif Path(self.out).exists() and not Path(self.out).is_dir():
@@ -59,34 +123,37 @@ class TrainCommon:
             p.append(f"mixed_precision={self.mixed_precision!r}; expected no, bf16 or fp16")
         if self.report_to not in ("none", "tensorboard", "wandb"):
             p.append(f"report_to={self.report_to!r}; expected none, tensorboard or wandb")
-        if self.keep_checkpoints < 1:
-            p.append(f"keep_checkpoints={self.keep_checkpoints}; must be at least 1")
+        p += _at_least_one(self, ("steps", "keep_checkpoints", "log_every"))
+        if self.max_steps == 0 or self.max_steps < -1:
+            p.append(f"max_steps={self.max_steps}; must be positive (or -1 for the recipe's length)")
         if self.save_every < 0:
             p.append(f"save_every={self.save_every}; must be >= 0")
-        if self.log_every < 1:
-            p.append(f"log_every={self.log_every}; must be >= 1")
         return p
 
 
 @dataclass
-class PeftCommon:
-    """Adapter options shared by sft, reward and ppo: LoRA, QLoRA (4-bit base + LoRA) and DoRA."""
+class PeftCommon(_Checked):
+    """Adapter options shared by sft, reward and ppo: LoRA, and QLoRA (4-bit base + LoRA)."""
 
-    lora: bool = opt(False, "Train LoRA adapters instead of all weights.")
+    lora: bool = opt(False, "Train LoRA adapters instead of all weights (ppo: on the actor, whose reference is then the actor with its adapter disabled).")
     qlora: bool = opt(False, "QLoRA: load the base in 4-bit NF4 (double quantization, bf16 compute) and train LoRA adapters on it.")
-    dora: bool = opt(False, "DoRA: weight-decomposed LoRA (a learned magnitude per output feature); implies --lora unless --qlora.")
     lora_r: int = opt(8, "LoRA rank r: the width of the low-rank update B·A.")
     lora_alpha: int = opt(16, "LoRA alpha: the update is scaled by alpha / r.")
     lora_dropout: float = opt(0.05, "Dropout on the LoRA input.")
     lora_target_modules: str = opt("all-linear", "Modules that get adapters: 'all-linear' or comma-separated names (e.g. q_proj,v_proj).")
-    merge: bool = opt(True, "Also write the adapter merged into the base as a plain model at OUT (--no-merge keeps only OUT/adapter).")
+
+    @property
+    def dora(self) -> bool:
+        """DoRA is an option of sft and reward only (FinetunePeft); ppo trains plain LoRA. Code that builds
+        adapters for any stage (modeling.lora_config) reads it from every config."""
+        return False
 
     @property
     def use_peft(self) -> bool:
         return self.lora or self.qlora or self.dora
 
-    def _peft_problems(self) -> list[str]:
-        p = []
+    def validate(self) -> list[str]:
+        p = super().validate()
         if self.lora and self.qlora:
             p.append("--lora and --qlora both given; pick one (--qlora already trains LoRA adapters, on a 4-bit base)")
         if self.lora_r < 1:
@@ -97,6 +164,71 @@ class PeftCommon:
             p.append(f"lora_dropout={self.lora_dropout}; expected a value in [0, 1)")
         if not self.lora_target_modules.strip():
             p.append("lora_target_modules is empty; use 'all-linear' or names such as q_proj,v_proj")
+        return p
+
+
+@dataclass
+class FinetunePeft(PeftCommon):
+    """PeftCommon plus what only the TRL stages (sft, reward) offer: DoRA, and writing the merged model."""
+
+    dora: bool = opt(False, "DoRA: weight-decomposed LoRA (a learned magnitude per output feature); implies --lora unless --qlora.")
+    merge: bool = opt(True, "Also write the adapter merged into the base as a plain model at OUT (--no-merge keeps only OUT/adapter).")
+
+
+@dataclass
+class ChatFormat(_Checked):
+    """How prompts are read from user data and rendered (sft, reward, ppo)."""
+
+    prompt_column: str = opt("prompt", "Column with the prompt: a string or a list of {role, content} messages (rendered with the chat template); optional for reward pairs.")
+    chat_template: bool = opt(True, "Treat plain-string prompts as a user turn (and responses as an assistant turn), so the tokenizer's chat template applies (false: use them as raw text).")
+
+
+@dataclass
+class TrlTraining(TrainCommon):
+    """TrainCommon plus the base model, data, length and optimisation of the TRL-trained stages (sft, reward)."""
+
+    # --- input ---
+    base: str = opt("", "Causal-LM artifact to start from (`llm pretrain` or `llm sft` output) or a hub model id; on the built-in world, reward also samples its pairs from it.")
+    data: list = opt([], "Training data: .jsonl/.json/.csv/.parquet files or a datasets hub id (sft: conversations or prompt/completion; reward: prompt/chosen/rejected; see docs/data.md); empty = built-in world.")
+    max_length: int = opt(128, "Tokens per sequence at most; longer ones are cut and counted (sft keeps the start, reward the end, where the score is read). With packing: the block length.")
+    eval_fraction: float = opt(0.05, "Share of user rows held out for evaluation (the built-in world has its own held-out problems).")
+    # --- optimisation ---
+    steps: int = opt(600, "Optimizer steps of the recipe (overridden by --max-steps; ignored when epochs > 0).")
+    batch_size: int = opt(32, "Examples per micro-batch per process (reward: preference pairs, two sequences each).")
+    grad_accum: int = opt(1, "Micro-batches accumulated into one optimizer step.")
+    epochs: float = opt(0.0, "If > 0, train this many passes over the data instead of `steps`.")
+    lr: float = opt(2e-3, "Peak learning rate (a tiny model takes a high one; large models want ~2e-5 full, ~2e-4 LoRA).")
+    lr_scheduler: str = opt("cosine", "cosine | linear | constant | constant_with_warmup (decay to 0 at the last step).")
+    warmup_steps: int = opt(20, "Linear warmup steps from 0 to lr.")
+    weight_decay: float = opt(0.0, "AdamW weight decay.")
+    grad_clip: float = opt(1.0, "Clip the global gradient norm to this value (0 disables).")
+    gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory (slower; useful for big models).")
+    cpu_threads: int = opt(1, "torch CPU threads without a GPU (0: one per core, torch's default). On a shared 2-core machine two threads ran the tiny default models 3-4x slower than one.")
+    # --- evaluation ---
+    eval_every: int = opt(200, "Evaluate on the held-out set every N optimizer steps (sft: loss, and gold accuracy on the built-in world; reward: pairwise accuracy).")
+    eval_batch_size: int = opt(64, "Examples per evaluation batch (reward: pairs).")
+
+    def validate(self) -> list[str]:
+        p = super().validate()
+        if not self.base:
+            p.append("--base is required (the causal-LM artifact to start from, e.g. runs/default/pretrain)")
+        p += _at_least_one(self, ("batch_size", "grad_accum", "max_length", "eval_every", "eval_batch_size"))
+        if self.epochs < 0:
+            p.append(f"epochs={self.epochs}; must be >= 0 (0 means: train `steps` steps)")
+        if not 0 < self.lr < 1:
+            p.append(f"lr={self.lr}; expected a value in (0, 1)")
+        if self.warmup_steps < 0:
+            p.append(f"warmup_steps={self.warmup_steps}; must be >= 0")
+        if self.weight_decay < 0:
+            p.append(f"weight_decay={self.weight_decay}; must be >= 0")
+        if self.grad_clip < 0:
+            p.append(f"grad_clip={self.grad_clip}; must be >= 0 (0 disables clipping)")
+        if self.lr_scheduler not in ("cosine", "linear", "constant", "constant_with_warmup"):
+            p.append(f"lr_scheduler={self.lr_scheduler!r}; expected cosine, linear, constant or constant_with_warmup")
+        if not 0 <= self.eval_fraction < 1:
+            p.append(f"eval_fraction={self.eval_fraction}; expected a value in [0, 1)")
+        if self.cpu_threads < 0:
+            p.append(f"cpu_threads={self.cpu_threads}; must be >= 0 (0: torch's default)")
         return p
 
 
@@ -120,10 +252,9 @@ class PretrainConfig(TrainCommon):
     seq_len: int = opt(64, "Tokens per training block (documents are joined with EOS and packed).")
     gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.")
     compile: bool = opt(False, "torch.compile the model.")
-    # --- optimisation ---
+    # --- optimisation (the recipe's length, `steps`, is TrainCommon's) ---
     batch_size: int = opt(32, "Blocks per micro-batch per process.")
     grad_accum: int = opt(1, "Micro-batches accumulated into one optimizer step.")
-    steps: int = opt(2000, "Optimizer steps of the recipe (overridden by --max-steps).")
     lr: float = opt(3e-3, "Peak learning rate.")
     min_lr: float = opt(3e-4, "Learning rate at the end of the cosine decay.")
     warmup_steps: int = opt(100, "Linear warmup steps from 0 to lr.")
@@ -137,12 +268,8 @@ class PretrainConfig(TrainCommon):
     sample_prompt: str = opt("the sum of 48 and 87 is", "Prompt for the greedy sample printed at each evaluation.")
 
     def validate(self) -> list[str]:
-        p = self._common_problems()
-        for name in ("seq_len", "batch_size", "grad_accum", "steps", "vocab_size", "eval_every", "eval_batches"):
-            if getattr(self, name) < 1:
-                p.append(f"{name}={getattr(self, name)}; must be at least 1")
-        if self.max_steps == 0 or self.max_steps < -1:
-            p.append(f"max_steps={self.max_steps}; must be positive (or -1 for the recipe's length)")
+        p = super().validate()
+        p += _at_least_one(self, ("seq_len", "batch_size", "grad_accum", "vocab_size", "eval_every", "eval_batches"))
         if not 0 < self.lr < 1:
             p.append(f"lr={self.lr}; expected a value in (0, 1)")
         if not 0 <= self.min_lr <= self.lr:
@@ -155,79 +282,24 @@ class PretrainConfig(TrainCommon):
             p.append(f"vocab_size={self.vocab_size}; a byte-level BPE needs at least 300 (256 bytes + specials + merges)")
         return p
 
-    @property
-    def total_steps(self) -> int:
-        return self.max_steps if self.max_steps > 0 else self.steps
-
 
 # ---------------------------------------------------------------------------
 # Supervised fine-tuning and reward modelling (TRL trainers)
 # ---------------------------------------------------------------------------
-def _tuning_problems(cfg: Any) -> list[str]:
-    """Checks shared by the TRL-based stages (sft, reward)."""
-    p = cfg._common_problems() + cfg._peft_problems()
-    if not cfg.base:
-        p.append("--base is required (the causal-LM artifact to start from, e.g. runs/default/pretrain)")
-    for name in ("batch_size", "grad_accum", "steps", "max_length", "eval_every", "eval_batch_size"):
-        if getattr(cfg, name) < 1:
-            p.append(f"{name}={getattr(cfg, name)}; must be at least 1")
-    if cfg.max_steps == 0 or cfg.max_steps < -1:
-        p.append(f"max_steps={cfg.max_steps}; must be positive (or -1 for the recipe's length)")
-    if cfg.epochs < 0:
-        p.append(f"epochs={cfg.epochs}; must be >= 0 (0 means: train `steps` steps)")
-    if not 0 < cfg.lr < 1:
-        p.append(f"lr={cfg.lr}; expected a value in (0, 1)")
-    if cfg.warmup_steps < 0:
-        p.append(f"warmup_steps={cfg.warmup_steps}; must be >= 0")
-    if cfg.weight_decay < 0:
-        p.append(f"weight_decay={cfg.weight_decay}; must be >= 0")
-    if cfg.grad_clip < 0:
-        p.append(f"grad_clip={cfg.grad_clip}; must be >= 0 (0 disables clipping)")
-    if cfg.lr_scheduler not in ("cosine", "linear", "constant", "constant_with_warmup"):
-        p.append(f"lr_scheduler={cfg.lr_scheduler!r}; expected cosine, linear, constant or constant_with_warmup")
-    if not 0 <= cfg.eval_fraction < 1:
-        p.append(f"eval_fraction={cfg.eval_fraction}; expected a value in [0, 1)")
-    if cfg.cpu_threads < 0:
-        p.append(f"cpu_threads={cfg.cpu_threads}; must be >= 0 (0: torch's default)")
-    return p
-
-
 @dataclass
-class SFTConfig(PeftCommon, TrainCommon):
+class SFTConfig(FinetunePeft, ChatFormat, TrlTraining):
     """`llm sft`: supervised fine-tuning on instructions with TRL's SFTTrainer (full, LoRA, QLoRA or DoRA)."""
 
-    # --- input ---
-    base: str = opt("", "Causal-LM artifact to fine-tune (`llm pretrain` output, an earlier sft) or a hub model id.")
-    data: list = opt([], "Instruction data: .jsonl/.json/.csv/.parquet files or a datasets hub id (see docs/data.md); empty = built-in world.")
     messages_column: str = opt("messages", "Column with a conversation: a list of {role, content} messages.")
-    prompt_column: str = opt("prompt", "Column with the prompt (a string or a list of messages), paired with completion_column.")
-    completion_column: str = opt("completion", "Column with the completion (a string or a list of messages).")
+    completion_column: str = opt("completion", "Column with the completion (a string or a list of messages), paired with prompt_column.")
     text_column: str = opt("text", "Column with plain text (language-modelling loss on every token).")
-    chat_template: bool = opt(True, "Treat plain-string prompt/completion pairs as a user turn and an assistant turn, so the tokenizer's chat template applies (false: train on prompt + completion as raw text).")
     loss_on: str = opt("assistant", "assistant: loss on assistant/completion tokens only; all: on every token (prompts too).")
-    max_length: int = opt(128, "Tokens per example at most; longer rows are truncated (their count is reported). With packing: the block length.")
     packing: bool = opt(False, "Pack several examples into each max_length block (fewer pad tokens; examples do not attend to each other).")
-    eval_fraction: float = opt(0.05, "Share of user rows held out for eval loss (the built-in world has its own held-out problems).")
     world_examples: int = opt(1500, "Built-in world: sloppy-labelled training examples to generate.")
     eval_problems: int = opt(500, "Built-in world: held-out problems for eval loss (sloppy labels) and greedy gold_accuracy (0 skips both).")
-    # --- optimisation ---
-    batch_size: int = opt(32, "Examples per micro-batch per process.")
-    grad_accum: int = opt(1, "Micro-batches accumulated into one optimizer step.")
-    steps: int = opt(600, "Optimizer steps of the recipe (overridden by --max-steps; ignored when epochs > 0).")
-    epochs: float = opt(0.0, "If > 0, train this many passes over the data instead of `steps`.")
-    lr: float = opt(2e-3, "Peak learning rate (a tiny model takes a high one; large models want ~2e-5 full, ~2e-4 LoRA).")
-    lr_scheduler: str = opt("cosine", "cosine | linear | constant | constant_with_warmup (decay to 0 at the last step).")
-    warmup_steps: int = opt(20, "Linear warmup steps from 0 to lr.")
-    weight_decay: float = opt(0.0, "AdamW weight decay.")
-    grad_clip: float = opt(1.0, "Clip the global gradient norm to this value (0 disables).")
-    gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory (slower; useful for big models).")
-    cpu_threads: int = opt(1, "torch CPU threads without a GPU (0: one per core, torch's default). On a shared 2-core machine two threads ran the tiny default models 3-4x slower than one.")
-    # --- evaluation ---
-    eval_every: int = opt(200, "Evaluate held-out loss (and on the built-in world gold accuracy) every N optimizer steps.")
-    eval_batch_size: int = opt(64, "Examples per evaluation batch.")
 
     def validate(self) -> list[str]:
-        p = _tuning_problems(self)
+        p = super().validate()
         if self.loss_on not in ("assistant", "all"):
             p.append(f"loss_on={self.loss_on!r}; expected assistant or all")
         if self.world_examples < 1:
@@ -236,67 +308,42 @@ class SFTConfig(PeftCommon, TrainCommon):
             p.append(f"eval_problems={self.eval_problems}; must be >= 0")
         return p
 
-    @property
-    def total_steps(self) -> int:
-        return self.max_steps if self.max_steps > 0 else self.steps
-
 
 @dataclass
-class RewardConfig(PeftCommon, TrainCommon):
+class RewardConfig(FinetunePeft, ChatFormat, TrlTraining):
     """`llm reward`: train a reward model (one score per sequence) on preference pairs with TRL's RewardTrainer."""
 
-    # --- input ---
-    base: str = opt("", "Causal-LM artifact (usually the sft output) or hub id: the backbone, and on the built-in world the policy whose samples make the pairs.")
     init_from: str = opt("", "Initialise the reward model's backbone from this causal-LM artifact instead of --base (pairs are still sampled from --base).")
-    data: list = opt([], "Preference data: .jsonl/.json/.csv/.parquet files or a datasets hub id with chosen/rejected (see docs/data.md); empty = built-in world.")
-    prompt_column: str = opt("prompt", "Column with the shared prompt (optional; a string or a list of messages).")
     chosen_column: str = opt("chosen", "Column with the preferred response (a string or a list of messages).")
     rejected_column: str = opt("rejected", "Column with the dispreferred response (a string or a list of messages).")
-    chat_template: bool = opt(True, "Treat plain-string prompt/chosen/rejected as a user turn and assistant turns, so the tokenizer's chat template applies.")
-    max_length: int = opt(128, "Tokens per sequence at most; longer ones keep their last max_length tokens (the score is read at the end) and are counted.")
-    eval_fraction: float = opt(0.05, "Share of user pairs held out for eval accuracy (the built-in world has its own held-out problems).")
     world_prompts: int = opt(9500, "Built-in world: training prompts (9500 = every training problem); each gives one pair from the --base model's own samples.")
     world_samples: int = opt(2, "Built-in world: samples per prompt drawn from --base at temperature `sample_temperature`.")
     sample_temperature: float = opt(1.0, "Built-in world: sampling temperature for the pairs.")
     eval_problems: int = opt(500, "Built-in world: held-out problems whose pairs measure eval_accuracy.")
-    # --- optimisation ---
-    batch_size: int = opt(64, "Preference pairs per micro-batch per process (each pair is two sequences).")
-    grad_accum: int = opt(1, "Micro-batches accumulated into one optimizer step.")
-    steps: int = opt(750, "Optimizer steps of the recipe (overridden by --max-steps; ignored when epochs > 0).")
-    epochs: float = opt(0.0, "If > 0, train this many passes over the pairs instead of `steps`.")
-    lr: float = opt(7e-4, "Peak learning rate.")
-    lr_scheduler: str = opt("cosine", "cosine | linear | constant | constant_with_warmup (decay to 0 at the last step).")
-    warmup_steps: int = opt(30, "Linear warmup steps from 0 to lr.")
-    weight_decay: float = opt(0.0, "AdamW weight decay.")
-    grad_clip: float = opt(1.0, "Clip the global gradient norm to this value (0 disables).")
     center_rewards: float = opt(0.0, "Coefficient of a penalty on the mean squared score, keeping scores centred on 0 (0.01 is typical; 0 disables).")
-    gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory (slower; useful for big models).")
-    cpu_threads: int = opt(1, "torch CPU threads without a GPU (0: one per core, torch's default). On a shared 2-core machine two threads ran the tiny default models 3-4x slower than one.")
-    # --- evaluation ---
-    eval_every: int = opt(250, "Evaluate held-out pairwise accuracy every N optimizer steps.")
-    eval_batch_size: int = opt(128, "Pairs per evaluation batch.")
+    # The reward recipe's own defaults for shared options (tuned on the default base: 9,500 pairs).
+    steps: int = shared(TrlTraining, "steps", 750)
+    batch_size: int = shared(TrlTraining, "batch_size", 64)
+    lr: float = shared(TrlTraining, "lr", 7e-4)
+    warmup_steps: int = shared(TrlTraining, "warmup_steps", 30)
+    eval_every: int = shared(TrlTraining, "eval_every", 250)
+    eval_batch_size: int = shared(TrlTraining, "eval_batch_size", 128)
 
     def validate(self) -> list[str]:
-        p = _tuning_problems(self)
-        for name in ("world_prompts", "world_samples", "eval_problems"):
-            if getattr(self, name) < 1:
-                p.append(f"{name}={getattr(self, name)}; must be at least 1")
+        p = super().validate()
+        p += _at_least_one(self, ("world_prompts", "world_samples", "eval_problems"))
         if self.sample_temperature <= 0:
             p.append(f"sample_temperature={self.sample_temperature}; must be > 0")
         if self.center_rewards < 0:
             p.append(f"center_rewards={self.center_rewards}; must be >= 0")
         return p
 
-    @property
-    def total_steps(self) -> int:
-        return self.max_steps if self.max_steps > 0 else self.steps
-
 
 # ---------------------------------------------------------------------------
 # RLHF with PPO (our own loop: lifecycle/stages/ppo.py, math in lifecycle/rl.py)
 # ---------------------------------------------------------------------------
 @dataclass
-class PPOConfig(PeftCommon, TrainCommon):
+class PPOConfig(PeftCommon, ChatFormat, TrainCommon):
     """`llm ppo`: RLHF with PPO against a reward model (actor, frozen reference, frozen reward model, critic)."""
 
     # --- roles ---
@@ -307,8 +354,6 @@ class PPOConfig(PeftCommon, TrainCommon):
     share_base: bool = opt(True, "With --lora/--qlora, when the reward model is a LoRA adapter over the policy's own weights: keep one (optionally 4-bit) copy of those weights for all four roles.")
     # --- prompts ---
     prompts: str = opt("", "Prompt file (.jsonl/.json/.csv/.parquet/.txt) or datasets hub id; empty = the built-in world's training problems.")
-    prompt_column: str = opt("prompt", "Column with the prompt: a string, or a list of chat messages (rendered with the policy's chat template).")
-    chat_template: bool = opt(True, "Treat plain-string prompts as a user turn, so the policy's chat template applies (false: use them as raw text).")
     world_prompts: int = opt(4000, "Built-in world: number of training prompts to draw rollouts from.")
     eval_prompts: int = opt(500, "Held-out prompts for evaluation (built-in world: its held-out problems; user prompts: the last ones, kept out of training).")
     # --- rollouts ---
@@ -362,21 +407,15 @@ class PPOConfig(PeftCommon, TrainCommon):
     debug_digest: bool = opt(False, "Write OUT/digests/rank-R.json with a sha256 of this process's actor and critic weights after each step (checks that processes agree).")
 
     def validate(self) -> list[str]:
-        p = self._common_problems() + self._peft_problems()
+        p = super().validate()
         if not self.policy:
             p.append("--policy is required (the causal-LM artifact to improve, e.g. runs/default/sft)")
         if not self.reward:
             p.append("--reward is required (the reward-model artifact, e.g. runs/default/reward)")
         if not self.critic:
             p.append("critic is empty; use reward, policy or a sequence-classifier directory")
-        if self.dora:
-            p.append("--dora is not supported by ppo; use --lora or --qlora")
-        for name in ("prompts_per_rollout", "max_new_tokens", "ppo_epochs", "minibatch_size", "micro_batch_size",
-                     "steps", "eval_every", "eval_prompts", "world_prompts", "gate_samples", "kl_horizon"):
-            if getattr(self, name) < 1:
-                p.append(f"{name}={getattr(self, name)}; must be at least 1")
-        if self.max_steps == 0 or self.max_steps < -1:
-            p.append(f"max_steps={self.max_steps}; must be positive (or -1 for the recipe's length)")
+        p += _at_least_one(self, ("prompts_per_rollout", "max_new_tokens", "ppo_epochs", "minibatch_size", "micro_batch_size",
+                                  "eval_every", "eval_prompts", "world_prompts", "gate_samples", "kl_horizon"))
         if self.minibatch_size >= 1 and self.prompts_per_rollout % self.minibatch_size:
             p.append(f"prompts_per_rollout={self.prompts_per_rollout} is not a multiple of minibatch_size={self.minibatch_size}")
         for name in ("lr", "critic_lr"):
@@ -409,9 +448,37 @@ class PPOConfig(PeftCommon, TrainCommon):
             p.append(f"watch_negative_kl={self.watch_negative_kl}; must be >= 0")
         return p
 
-    @property
-    def total_steps(self) -> int:
-        return self.max_steps if self.max_steps > 0 else self.steps
+
+
+# ---------------------------------------------------------------------------
+# `llm estimate-memory` (the arithmetic is lifecycle/memory.py; it checks the values)
+# ---------------------------------------------------------------------------
+@dataclass
+class EstimateMemoryConfig:
+    """`llm estimate-memory`: predict per-GPU training memory: weights, grads, optimizer state, activations, logits, overhead.
+
+    --lora-r is the fine-tuning stages' own option (default included), so `--method lora`
+    estimates the adapters that `llm sft --lora` trains.
+    """
+
+    model: str = opt(..., "An artifact directory, a transformers config.json, or a published preset such as llama-2-7b (an unknown name lists them all).")
+    stage: str = opt("sft", "pretrain | sft | reward | ppo | inference.")
+    method: str = opt("full", "full | lora | qlora (NF4 with double quantization).")
+    lora_r: int = shared(PeftCommon, "lora_r")
+    dtype: str = opt("bf16", "bf16 | fp16 | fp32.")
+    precision: Optional[str] = opt(None, "mixed (default for 16-bit: fp32 master weights, 16-bit compute) | pure (16-bit weights and optimizer states).")
+    mp_style: Optional[str] = opt(None, "How mixed precision keeps weights: autocast (fp32 weights and grads + 16-bit copies; default without ZeRO) | master (16-bit weights and grads + fp32 master copy, as DeepSpeed; default with ZeRO).")
+    optimizer: str = opt("adamw", "adamw | adamw8bit | paged_adamw8bit | sgd (momentum) | adafactor.")
+    batch_size: int = opt(1, "Micro-batch per GPU (sequences; reward: pairs).")
+    seq_len: Optional[int] = opt(None, "Tokens per sequence (default: 2048 or the model's context if shorter).")
+    grad_ckpt: str = opt("none", "none | full (checkpoint every decoder layer).")
+    attn: str = opt("sdpa", "sdpa (flash / memory-efficient: no s x s matrices kept) | eager.")
+    zero: int = opt(0, "DeepSpeed ZeRO stage: 1 shards optimizer state, 2 also gradients, 3 also weights, over --gpus.")
+    gpus: int = opt(1, "Data-parallel GPUs.")
+    gpu_memory: Optional[str] = opt(None, "Memory per GPU (80GiB, 24GB, ...): adds a verdict and the largest micro-batch that fits.")
+    device: str = opt("cuda", "cuda | cpu: whose kernel rules to apply (dropout masks, SDPA fallbacks) and whether to add the CUDA context.")
+    as_json: bool = opt(False, "Print the estimate as JSON.", flag="--json")
+    measure: bool = opt(False, "Also build the model, run one real training step on this machine and print estimated vs measured per row.")
 
 
 STAGE_CONFIGS: dict[str, type] = {"pretrain": PretrainConfig, "sft": SFTConfig, "reward": RewardConfig, "ppo": PPOConfig}
@@ -551,15 +618,6 @@ def dump_yaml(cfg: Any) -> str:
             rendered = rendered[1:-1]
         lines.append(f"{rendered}  # {f.metadata.get('help', '')}")
     return "\n".join(lines) + "\n"
-
-
-def describe(cls: type) -> str:
-    """One line per option, for the CLI help epilog."""
-    rows = []
-    for f in dataclasses.fields(cls):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        rows.append(f"{f.name} (default {default!r}): {f.metadata.get('help', '')}")
-    return "\n\n".join(rows)
 
 
 def parse_set(items: list[str] | None) -> dict:
