@@ -1,21 +1,43 @@
 """Sampling: greedy, temperature, top-k, top-p, batched with a KV cache; chat; gold accuracy.
 
-Batched generation uses `transformers`' `generate` (KV cache, left padding).
-Responses are cut at the first EOS; `ended` tells whether the model emitted
-EOS or ran into the length limit (the gold checker counts the latter wrong).
+Batched generation uses `transformers`' `generate` (KV cache, left padding),
+with two guards that hub models need:
+
+* Stop ids. A hub model lists several (generation_config.eos_token_id may be a
+  list), and its chat template ends a turn with its own marker (`<|im_end|>`,
+  `<end_of_turn>`, `<|eot_id|>`), not with EOS. Sampling stops at any of them
+  (`stop_ids`) and a response is cut at the first; `ended` tells whether it
+  emitted one or ran into the length limit (the gold checker counts the latter wrong).
+* No hidden settings. `generate` fills every option it is not given from
+  `model.generation_config` (repetition penalty, no-repeat n-grams, top-k,
+  top-p, min-p, suppressed tokens, ...), so a hub model would sample from a
+  distribution other than softmax(logits / T), the one PPO's log-probabilities
+  assume. During our calls the model's generation_config is an empty one: only
+  the options passed here apply.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
+
+import torch
+from transformers import GenerationConfig
+
+from lifecycle.artifacts import CAUSAL_LM, check_artifact
+from lifecycle.data import world
+from lifecycle.errors import UsageError
+from lifecycle.modeling import load_causal_lm
+from lifecycle.tokenizer import load_tokenizer
 
 
 @dataclass
 class Sample:
     prompt: str  # the rendered prompt text
     text: str  # decoded response, special tokens removed
-    ended: bool  # True if the response ends with EOS
-    token_ids: list  # response token ids, EOS included when present
+    ended: bool  # True if the response ends with a stop id
+    token_ids: list  # response token ids, the stop id included when present
+    logprobs: list | None = None  # log-probability of each token under the distribution it was drawn from (on request)
 
 
 def render_prompts(tokenizer, prompts: list) -> list[str]:
@@ -29,6 +51,61 @@ def render_prompts(tokenizer, prompts: list) -> list[str]:
     return out
 
 
+_PROBE = "Zq-end-of-turn-probe"
+
+
+def end_of_turn_id(tokenizer) -> int | None:
+    """The special token that closes an assistant turn in the chat template (`<|im_end|>` in ChatML), or None.
+
+    Found by rendering a probe answer and reading the token that follows it; only
+    a single special token counts (a template that ends the turn with plain text
+    has no stop token of its own).
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _PROBE}]
+    try:
+        text = tokenizer.apply_chat_template(msgs, tokenize=False)
+    except Exception:  # noqa: BLE001 - a template may refuse this conversation (e.g. it requires a system turn)
+        return None
+    at = text.rfind(_PROBE)
+    if at < 0:
+        return None
+    tail = tokenizer(text[at + len(_PROBE):], add_special_tokens=False)["input_ids"]
+    if not tail:
+        return None
+    added = getattr(tokenizer, "added_tokens_decoder", {}).get(tail[0])
+    return tail[0] if tail[0] in tokenizer.all_special_ids or (added is not None and added.special) else None
+
+
+def _hf_model(model):
+    """The transformers model under a peft wrapper (the one whose generation_config generate reads)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def stop_ids(tokenizer, model=None) -> list[int]:
+    """Every id that ends a response: the model's generation_config EOS id(s), the tokenizer's EOS, and the
+    chat template's end-of-turn token. In that order, without repeats."""
+    ids: list = []
+    if model is not None:
+        eos = getattr(_hf_model(model).generation_config, "eos_token_id", None)
+        ids += eos if isinstance(eos, (list, tuple)) else [eos]
+    ids += [tokenizer.eos_token_id, end_of_turn_id(tokenizer)]
+    return list(dict.fromkeys(int(i) for i in ids if i is not None))
+
+
+@contextlib.contextmanager
+def own_settings_only(model):
+    """Within the block, `model.generate` sees an empty generation_config: nothing from the hub's file applies."""
+    hf = _hf_model(model)
+    saved = hf.generation_config
+    hf.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        hf.generation_config = saved
+
+
 def generate_batch(
     model,
     tokenizer,
@@ -40,12 +117,19 @@ def generate_batch(
     top_p: float = 1.0,
     batch_size: int = 256,
     generator_seed: int | None = None,
+    stop: list[int] | None = None,
+    return_logprobs: bool = False,
 ) -> list[Sample]:
-    """Generate one response per rendered prompt; greedy when temperature is 0."""
-    import torch
+    """Generate one response per rendered prompt; greedy when temperature is 0.
 
-    eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    Sampling draws from softmax(logits / temperature), restricted by top_k and
+    top_p when set, and by nothing else. `stop` defaults to `stop_ids(tokenizer, model)`.
+    With `return_logprobs` each sample carries the log-probability of each of its
+    tokens under the distribution it was drawn from (the raw logits when greedy).
+    """
+    stop = stop_ids(tokenizer, model) if stop is None else list(stop)
+    stops = set(stop)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
     old_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     was_training = model.training
@@ -58,19 +142,26 @@ def generate_batch(
         for i in range(0, len(prompts), batch_size):
             chunk = prompts[i : i + batch_size]
             enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-            kw = dict(do_sample=temperature > 0, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad)
+            kw = dict(do_sample=temperature > 0, max_new_tokens=max_new_tokens, eos_token_id=stop, pad_token_id=pad)
             if temperature > 0:
                 kw.update(temperature=temperature, top_k=top_k or None, top_p=top_p)
             else:
                 kw.update(temperature=None, top_k=None, top_p=None)
-            with torch.no_grad():
-                seq = model.generate(**enc, **kw)
-            resp = seq[:, enc["input_ids"].shape[1] :].tolist()
-            for prompt, ids in zip(chunk, resp):
-                ended = eos in ids
-                ids = ids[: ids.index(eos) + 1] if ended else ids
-                text = tokenizer.decode([t for t in ids if t != eos], skip_special_tokens=True)
-                out.append(Sample(prompt, text, ended, ids))
+            if return_logprobs:
+                kw.update(output_scores=True, return_dict_in_generate=True)
+            with torch.no_grad(), own_settings_only(model):
+                res = model.generate(**enc, **kw)
+            seq = res.sequences if return_logprobs else res
+            new = seq[:, enc["input_ids"].shape[1] :]  # (b, t) sampled tokens, pad after the end
+            if return_logprobs:  # scores: t tensors (b, V), what each token was drawn from
+                lp = torch.stack([torch.log_softmax(s.float(), -1) for s in res.scores], 1)  # (b, t, V)
+                lp = torch.gather(lp, -1, new.unsqueeze(-1)).squeeze(-1).tolist()
+            for j, (prompt, ids) in enumerate(zip(chunk, new.tolist())):
+                cut = next((k for k, t in enumerate(ids) if t in stops), None)
+                ended = cut is not None
+                ids = ids[: cut + 1] if ended else ids
+                text = tokenizer.decode([t for t in ids if t not in stops], skip_special_tokens=True)
+                out.append(Sample(prompt, text, ended, ids, lp[j][: len(ids)] if return_logprobs else None))
     finally:
         tokenizer.padding_side = old_side
         model.train(was_training)
@@ -82,8 +173,6 @@ def gold_accuracy(model, tokenizer, problems, *, max_new_tokens: int = 6, batch_
 
     Returns {"gold_accuracy", "gold_accuracy_carry", "gold_accuracy_nocarry", "n"}.
     """
-    from lifecycle.data import world
-
     prompts = render_prompts(tokenizer, [[world.user(p.question)] for p in problems])
     samples = generate_batch(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
     right = [world.gold_check(p.question, s.text, s.ended) for p, s in zip(problems, samples)]
@@ -100,18 +189,12 @@ def gold_accuracy(model, tokenizer, problems, *, max_new_tokens: int = 6, batch_
 
 def generate_cli(model_path: str, prompt: str, *, max_new_tokens: int, temperature: float, top_k: int,
                  top_p: float, num: int, chat: bool, seed: int) -> None:
-    """`llm generate`: print `num` samples for one prompt."""
-    from lifecycle.artifacts import CAUSAL_LM, check_artifact
-    from lifecycle.modeling import load_causal_lm
-    from lifecycle.tokenizer import load_tokenizer
-
+    """`llm generate`: print `num` samples for one prompt (stopping at every stop id of the model)."""
     info = check_artifact(model_path, CAUSAL_LM, "--model")
     tokenizer = load_tokenizer(info.path)
     model = load_causal_lm(info.path)
     if chat:
         if not tokenizer.chat_template:
-            from lifecycle.errors import UsageError
-
             raise UsageError(f"the tokenizer in {model_path} has no chat template; drop --chat")
         text = render_prompts(tokenizer, [[{"role": "user", "content": prompt}]])[0]
     else:

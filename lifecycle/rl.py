@@ -24,10 +24,67 @@ References
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+# ---------------------------------------------------------------------------
+# The rollout: one process's batch of experience, grouped by RL meaning
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class Rollout:
+    """B episodes; P prompt positions (left-padded); T response positions (right-padded after the stop token).
+    Position t of a response is the action a_t; the state s_t is the prompt and a_<t."""
+
+    # what was sampled
+    prompt_ids: torch.Tensor  # (B, P) long, prompt tokens, left-padded with pad
+    prompt_mask: torch.Tensor  # (B, P) long, 1 on real prompt tokens
+    response_ids: torch.Tensor  # (B, T) long, sampled tokens, the stop token included when emitted, then pad
+    response_mask: torch.Tensor  # (B, T) float, 1 on response tokens up to and including the stop token
+    ended: torch.Tensor  # (B,) bool, the response emitted a stop token
+    # what the four roles said about it (filled in by the rollout)
+    logprobs: torch.Tensor  # (B, T) log π_old(a_t|s_t), the actor at sampling time
+    ref_logprobs: torch.Tensor  # (B, T) log π_ref(a_t|s_t)
+    values: torch.Tensor  # (B, T) V_old(s_t), the critic at sampling time
+    scores: torch.Tensor  # (B,) raw reward-model score of prompt+response
+    # what PPO computes from it
+    rewards: torch.Tensor  # (B, T) shaped rewards: -β·KL_t, plus the normalised score on the last token
+    kl: torch.Tensor  # (B, T) per-token KL estimate log π_old - log π_ref (zero on padding)
+    advantages: torch.Tensor  # (B, T) GAE advantages, whitened
+    returns: torch.Tensor  # (B, T) GAE returns, the critic's targets
+
+    @classmethod
+    def sampled(cls, prompt_ids, prompt_mask, response_ids, response_mask, ended) -> "Rollout":
+        """A rollout holding only what was sampled; every other field zeros of its shape."""
+        z = torch.zeros_like(response_mask)
+        return cls(prompt_ids, prompt_mask, response_ids, response_mask, ended, z, z, z,
+                   torch.zeros(response_ids.shape[0], device=response_ids.device), z, z, z, z)
+
+    def select(self, idx: torch.Tensor) -> "Rollout":
+        """The episodes `idx` (a (b,) index tensor), every field sliced on its first dimension."""
+        return Rollout(**{f.name: getattr(self, f.name)[idx] for f in dataclasses.fields(self)})
+
+    def model_inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(input_ids, attention_mask, position_ids), each (B, P+T), for prompt+response.
+
+        Position ids count real tokens only, as generation with left padding does, so a
+        forward pass sees the same positions the sampler saw.
+        """
+        ids = torch.cat([self.prompt_ids, self.response_ids], 1)
+        mask = torch.cat([self.prompt_mask, self.response_mask.long()], 1)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        return ids, mask, pos
+
+    def at_responses(self, per_position: torch.Tensor) -> torch.Tensor:
+        """(B, P+T, ...) per-position outputs -> (B, T, ...): what predicts a_t sits at position P+t-1."""
+        P, T = self.prompt_ids.shape[1], self.response_ids.shape[1]
+        return per_position[:, P - 1 : P + T - 1]
+
 
 # ---------------------------------------------------------------------------
 # Log-probabilities and entropy

@@ -129,7 +129,7 @@ def test_toy_task_ppo_learns_the_preferred_token(toy, tmp_path):
 
     target = toy["target"]
 
-    def score_fn(prompts, samples):
+    def reward_fn(prompts, samples):
         return [sum(t == target for t in s.token_ids) / len(s.token_ids) for s in samples]
 
     out = tmp_path / "toy"
@@ -138,7 +138,7 @@ def test_toy_task_ppo_learns_the_preferred_token(toy, tmp_path):
         prompts_per_rollout=32, minibatch_size=16, micro_batch_size=16, max_new_tokens=4, lr=1e-2, critic_lr=1e-2,
         kl_coef=0.05, missing_eos_penalty=0.0, normalize_reward=False, eval_prompts=16, eval_every=10,
         world_prompts=200, save_every=0, log_every=100, seed=0))
-    ppo.run(cfg, score_fn=score_fn)
+    ppo.run(cfg, reward_fn=reward_fn)
     steps = [d for d in _log(out) if "score_mean" in d]
     assert len(steps) == 10
     assert steps[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # the first rollout comes from the reference itself
@@ -155,15 +155,16 @@ def test_shared_base_scores_match_the_reward_model(tiny_base, tiny_lora_reward, 
     exactly what the merged reward artifact scores, and the critic starts as the reward model."""
     import torch
 
+    from lifecycle import roles
     from lifecycle.reward_model import pad_batch
     from lifecycle.stages import ppo
 
     cfg = build_config(PPOConfig, None, dict(policy=str(tiny_base), reward=str(tiny_lora_reward), out=str(tmp_path / "o"),
                                              lora=True, **SMALL))
     inputs = ppo.check_inputs(cfg)
-    shared = ppo.load_roles(cfg, inputs, print)
-    separate = ppo.load_roles(dataclasses.replace(cfg, share_base=False), inputs, print)
-    assert isinstance(shared, ppo.SharedRoles) and not isinstance(separate, ppo.SharedRoles)
+    shared = roles.load_roles(cfg, inputs.policy, inputs.reward, inputs.critic, print)
+    separate = roles.load_roles(dataclasses.replace(cfg, share_base=False), inputs.policy, inputs.reward, inputs.critic, print)
+    assert isinstance(shared, roles.SharedRoles) and not isinstance(separate, roles.SharedRoles)
     shared.module.eval()  # as run() does: no (LoRA) dropout
     tok = shared.tok
     seqs = [tok.apply_chat_template([{"role": "user", "content": f"what is {a} plus 7 ?"}, {"role": "assistant", "content": str(a + 7)}],
@@ -279,8 +280,10 @@ def test_explain_prints_the_batch_hierarchy(tiny_base, tiny_reward, tmp_path, ca
     from lifecycle.stages import ppo
 
     out = tmp_path / "explain"
-    ppo.run(build_config(PPOConfig, None, dict(policy=str(tiny_base), reward=str(tiny_reward), out=str(out), explain=True)))
+    returned = ppo.explain(build_config(PPOConfig, None, dict(policy=str(tiny_base), reward=str(tiny_reward), out=str(out),
+                                                              explain=True)))
     text = capsys.readouterr().out
+    assert text.strip() == returned.strip()
     for s in ("rollout batch     128 prompts", "minibatches       2 per epoch of 64", "optimizer steps   8 per iteration",
               "19,200 episodes", "actor", "reference", "reward", "critic", "MiB"):
         assert s in text, s
@@ -336,7 +339,7 @@ def test_bad_input_empty_prompt_file(tiny_base, tiny_reward, tmp_path):
 def test_two_processes_hold_identical_weights(tiny_base, tiny_reward, tmp_path):
     """accelerate launch --cpu --num_processes 2: each rank samples its own rollouts; DDP keeps the weights equal."""
     from lifecycle.modeling import load_causal_lm
-    from lifecycle.stages.ppo import weights_digest
+    from lifecycle.roles import weights_digest
 
     out = tmp_path / "ddp"
     sets = [f"{k}={v}" for k, v in {**SMALL, "debug_digest": True, "eval_every": 2, "lr": 1e-3}.items()]

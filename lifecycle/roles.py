@@ -1,0 +1,376 @@
+"""The four PPO roles behind one interface, loaded separately or on one shared base.
+
+  actor      π      initialised from the SFT policy; trained
+  reference  π_ref  the SFT policy, frozen (with --lora/--qlora: the actor with its adapter disabled)
+  reward     r_φ    the reward model, frozen: one score per (prompt, response)
+  critic     V      a per-token value head, initialised from the reward model; trained
+
+(Ouyang et al. 2022, InstructGPT sec. 3.5; Ziegler et al. 2019.) The PPO loop
+in lifecycle/stages/ppo.py only calls the methods of `Roles`; `SharedRoles`
+implements them on one base model carrying three adapters, for --lora/--qlora
+when the reward model is itself a LoRA adapter over the policy's weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import torch
+from peft import get_peft_model
+from safetensors.torch import load_file
+
+from lifecycle.artifacts import Artifact, artifact_digest
+from lifecycle.config import PPOConfig
+from lifecycle.errors import UsageError
+from lifecycle.modeling import (REWARD_HEAD, count_params, describe_trainable, load_causal_lm, load_for_training,
+                                lora_config, merge_adapter)
+from lifecycle.reward_model import load_reward_model, score_tokens
+from lifecycle.rl import Rollout
+from lifecycle.tokenizer import load_tokenizer
+
+
+def response_logits(model, r: Rollout) -> torch.Tensor:
+    """Logits that predict each response token: (B, T, V), from positions P-1 .. P+T-2."""
+    ids, mask, pos = r.model_inputs()
+    T = r.response_ids.shape[1]
+    # Only the last T+1 positions go through the output layer (the prompt's own predictions are never used).
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False, logits_to_keep=T + 1)
+    return out.logits[:, :-1]
+
+
+def _body(model):
+    """The transformer body (no output layer) of a transformers model, through a peft wrapper if any."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(base, base.base_model_prefix)
+
+
+class ValueModel(torch.nn.Module):
+    """V(s_t) = head(h_t): a one-label sequence classifier whose head is applied to every position.
+
+    Initialised from the reward model, the critic starts out predicting the
+    reward model's score at the end of the response (InstructGPT sec. 3.5);
+    saved, it is a plain AutoModelForSequenceClassification directory.
+    """
+
+    def __init__(self, seqcls):
+        super().__init__()
+        self.model = seqcls  # may be a peft model
+
+    def forward(self, input_ids, attention_mask, position_ids) -> torch.Tensor:
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        h = _body(self.model)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              use_cache=False).last_hidden_state  # (B, L, H)
+        return base.score(h.to(base.score.weight.dtype)).squeeze(-1).float()  # (B, L)
+
+
+class Roles:
+    """Actor, reference, reward model and critic as separate models (the reference is the actor with its
+    adapter disabled under --lora/--qlora)."""
+
+    def __init__(self, actor, ref, reward, critic, *, tok, reward_tok, same_tok: bool, critic_source: str):
+        self.actor, self.ref, self.reward, self.critic = actor, ref, reward, critic
+        self.actor_u, self.critic_u = actor, critic  # unwrapped (no DDP): for no-grad passes
+        self.tok, self.reward_tok, self.same_tok, self.critic_source = tok, reward_tok, same_tok, critic_source
+        self.trained = [actor, critic]  # the modules Accelerate wraps (DDP)
+
+    # -- setup -----------------------------------------------------------------
+    def actor_params(self) -> list:
+        return [p for p in self.actor.parameters() if p.requires_grad]
+
+    def critic_params(self) -> list:
+        return [p for p in self.critic.parameters() if p.requires_grad]
+
+    def prepare(self, acc, opt_actor, opt_critic):
+        """Wrap the trained modules (DDP across processes), move the frozen ones; returns the optimizers."""
+        self.actor, self.critic, opt_actor, opt_critic = acc.prepare(self.actor, self.critic, opt_actor, opt_critic)
+        self.trained = [self.actor, self.critic]
+        for m in (self.ref, self.reward):
+            if m is not None:
+                m.to(acc.device)
+        self.actor_u, self.critic_u = acc.unwrap_model(self.actor), acc.unwrap_model(self.critic)
+        return opt_actor, opt_critic
+
+    def describe(self) -> str:
+        return f"actor: {describe_trainable(self.actor)} | critic from {self.critic_source}: {describe_trainable(self.critic)}"
+
+    # -- forward passes ------------------------------------------------------------
+    def generation_model(self):
+        return self.actor_u
+
+    def logits(self, r: Rollout) -> torch.Tensor:
+        """Actor logits at the response positions, (B, T, V); no DDP wrapper (no-grad passes)."""
+        return response_logits(self.actor_u, r)
+
+    def ref_logits(self, r: Rollout) -> torch.Tensor:
+        if self.ref is not None:
+            return response_logits(self.ref, r)
+        with self.actor_u.disable_adapter():  # the reference is the base under the actor's adapter
+            return response_logits(self.actor_u, r)
+
+    def values(self, r: Rollout) -> torch.Tensor:
+        """(B, T) V(s_t) at the response positions."""
+        return r.at_responses(self.critic_u(*r.model_inputs()))
+
+    def train_forward(self, u: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits (B, T, V), values (B, T)) through the wrapped modules, for one backward of both losses."""
+        return response_logits(self.actor, u), u.at_responses(self.critic(*u.model_inputs()))
+
+    def scores(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Reward-model scores (B,) of token ids in the reward model's vocabulary, read at each row's last real token."""
+        return score_tokens(self.reward, ids, mask)
+
+    # -- output -----------------------------------------------------------------------
+    def digest_models(self) -> tuple:
+        return self.actor_u, self.critic_u
+
+    def final_models(self, cfg: PPOConfig, policy_path: str, tmp: Path) -> tuple:
+        """(actor as a plain causal LM, critic as a plain one-label classifier, extra artifact dirs)."""
+        extra: dict[str, Callable[[Path], None]] = {}
+        actor = self.actor_u
+        if cfg.use_peft:  # merged into a fresh full-precision copy of the policy (QLoRA trained on a 4-bit one)
+            actor.save_pretrained(tmp / "actor_adapter")
+            extra["adapter"] = lambda d, a=actor: a.save_pretrained(d)
+            actor = merge_adapter(policy_path, str(tmp / "actor_adapter"))
+        seqcls = self.critic_u.model
+        if hasattr(seqcls, "peft_config"):
+            seqcls.save_pretrained(tmp / "critic_adapter")
+            seqcls = merge_adapter(self.critic_source, str(tmp / "critic_adapter"), head=REWARD_HEAD,
+                                   pad_token_id=self.tok.pad_token_id)
+        return actor, seqcls, extra
+
+
+class SharedBase(torch.nn.Module):
+    """One (optionally 4-bit) base with the adapters "actor", "critic" (trained) and "reward" (frozen), the
+    reward model's score head (frozen) and the critic's value head (trained). Its forward is the training
+    forward: the actor's logits and the critic's values, so DDP wraps one module."""
+
+    TRAINED = ("actor", "critic")
+
+    def __init__(self, peft_model, reward_head: torch.nn.Linear, value_head: torch.nn.Linear):
+        super().__init__()
+        self.peft, self.reward_head, self.value_head = peft_model, reward_head, value_head
+
+    def use(self, name: str) -> None:
+        """Make one adapter active without changing what trains (peft's set_adapter would freeze the others)."""
+        self.peft.base_model.set_adapter(name)
+        for n, p in self.peft.named_parameters():
+            if ".lora_" in n:
+                p.requires_grad_(any(f".{a}." in n or n.endswith(f".{a}") for a in self.TRAINED))
+
+    def hidden(self, ids, mask, pos) -> torch.Tensor:
+        """Last hidden states (B, L, H) of the base under the active adapter."""
+        return _body(self.peft)(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
+
+    def forward(self, input_ids, attention_mask, position_ids, logits_to_keep: int):
+        """(B, K, V) actor logits of the last K positions and (B, L) critic values."""
+        self.use("actor")
+        logits = self.peft(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                           use_cache=False, logits_to_keep=logits_to_keep).logits
+        self.use("critic")
+        h = self.hidden(input_ids, attention_mask, position_ids)
+        return logits, self.value_head(h).squeeze(-1).float()
+
+
+class SharedRoles(Roles):
+    """All four roles on one `SharedBase`: the reference is the base with every adapter disabled."""
+
+    def __init__(self, module: SharedBase, *, tok, critic_source: str):
+        self.module = module  # always the unwrapped module
+        self.shared = module  # what the training forward calls: DDP-wrapped after prepare
+        self.tok = self.reward_tok = tok
+        self.same_tok, self.critic_source = True, critic_source
+        self.ref = self.reward = None
+        self.trained = [self.shared]
+
+    def use(self, name: str) -> None:
+        self.module.use(name)
+
+    def hidden(self, ids, mask, pos) -> torch.Tensor:
+        return self.module.hidden(ids, mask, pos)
+
+    # -- setup ------------------------------------------------------------------------
+    def actor_params(self) -> list:
+        return [p for n, p in self.module.peft.named_parameters() if ".lora_" in n and ".actor" in n]
+
+    def critic_params(self) -> list:
+        return [p for n, p in self.module.peft.named_parameters() if ".lora_" in n and ".critic" in n] + \
+            list(self.module.value_head.parameters())
+
+    def prepare(self, acc, opt_actor, opt_critic):
+        self.shared, opt_actor, opt_critic = acc.prepare(self.module, opt_actor, opt_critic)
+        self.trained = [self.shared]
+        return opt_actor, opt_critic
+
+    def describe(self) -> str:
+        _, total = count_params(self.module.peft.get_base_model())
+        n_a, n_c = sum(p.numel() for p in self.actor_params()), sum(p.numel() for p in self.critic_params())
+        return (f"one shared base ({total:,} parameters) for all four roles: adapters actor ({n_a:,} trainable), "
+                f"critic ({n_c:,} trainable, from {self.critic_source}), reward (frozen); reference = adapters disabled")
+
+    # -- forward passes -------------------------------------------------------------------
+    def generation_model(self):
+        self.use("actor")
+        return self.module.peft
+
+    def logits(self, r: Rollout) -> torch.Tensor:
+        self.use("actor")
+        return response_logits(self.module.peft, r)
+
+    def ref_logits(self, r: Rollout) -> torch.Tensor:
+        with self.module.peft.disable_adapter():
+            return response_logits(self.module.peft, r)
+
+    def values(self, r: Rollout) -> torch.Tensor:
+        ids, mask, pos = r.model_inputs()
+        self.use("critic")
+        return r.at_responses(self.module.value_head(self.hidden(ids, mask, pos)).squeeze(-1).float())
+
+    def train_forward(self, u: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, mask, pos = u.model_inputs()
+        logits, values = self.shared(ids, mask, pos, u.response_ids.shape[1] + 1)
+        return logits[:, :-1], u.at_responses(values)
+
+    def scores(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        self.use("reward")
+        mask = mask.long()
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        h = self.hidden(ids, mask, pos)  # (B, L, H)
+        last = (torch.arange(mask.shape[1], device=mask.device) * mask).argmax(-1)  # (B,) last real token
+        return self.module.reward_head(h[torch.arange(h.shape[0], device=h.device), last]).squeeze(-1).float()
+
+    # -- output ---------------------------------------------------------------------------
+    def digest_models(self) -> tuple:
+        return self.module.peft, self.module.value_head
+
+    def final_models(self, cfg: PPOConfig, policy_path: str, tmp: Path) -> tuple:
+        peft = self.module.peft
+        peft.save_pretrained(tmp / "adapters", selected_adapters=["actor", "critic"])
+        actor = merge_adapter(policy_path, str(tmp / "adapters" / "actor"))
+        # The critic's LoRA carries no head here (the value head lives beside it): merge it into a causal LM's
+        # backbone, then read that backbone as a one-label classifier and give it the value head.
+        conf = tmp / "adapters" / "critic" / "adapter_config.json"
+        conf.write_text(json.dumps({**json.loads(conf.read_text()), "modules_to_save": None, "task_type": "CAUSAL_LM"}))
+        merge_adapter(policy_path, str(tmp / "adapters" / "critic")).save_pretrained(tmp / "critic_backbone")
+        critic = load_for_training(str(tmp / "critic_backbone"), dataclasses.replace(cfg, lora=False, qlora=False),
+                                   head=REWARD_HEAD, pad_token_id=self.tok.pad_token_id)
+        with torch.no_grad():
+            critic.score.weight.copy_(self.module.value_head.weight.to(critic.score.weight.dtype))
+        extra = {"adapter": lambda d: shutil.copytree(tmp / "adapters" / "actor", d, dirs_exist_ok=True)}
+        return actor, critic, extra
+
+
+# ---------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------
+def frozen(model):
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def same_tokenizer(a, b) -> bool:
+    return a.get_vocab() == b.get_vocab() and a.pad_token_id == b.pad_token_id and a.eos_token_id == b.eos_token_id
+
+
+def shared_reward_adapter(cfg: PPOConfig, policy: Artifact, reward: Artifact) -> str | None:
+    """The reward adapter directory when all four roles can share one base, else None.
+
+    That is: --lora/--qlora with share_base, and the reward artifact holds a
+    LoRA adapter (OUT/adapter of `llm reward --lora`) trained over the very
+    weights of the policy (its manifest's backbone digest equals the policy's).
+    """
+    if not (cfg.use_peft and cfg.share_base) or reward.hub or policy.hub:
+        return None
+    adapter = Path(reward.path) / "adapter"
+    if not (adapter / "adapter_config.json").is_file():
+        return None
+    m = reward.manifest or {}
+    backbone = m.get("init_from") or m.get("parent") or {}
+    if backbone.get("digest") and backbone["digest"] == artifact_digest(Path(policy.path)):
+        return str(adapter)
+    return None
+
+
+def load_roles(cfg: PPOConfig, policy: Artifact, reward: Artifact, critic: Artifact | None, say=print) -> Roles:
+    """Load the four roles: separately, or on one shared base (see `SharedRoles`)."""
+    policy_path, reward_path = policy.path, reward.path
+    tok = load_tokenizer(policy_path)
+    reward_tok = load_tokenizer(reward_path)
+    same_tok = same_tokenizer(tok, reward_tok)
+
+    shared = shared_reward_adapter(cfg, policy, reward) if same_tok and cfg.critic in ("reward", "policy") else None
+    if shared:
+        return _load_shared(cfg, policy_path, reward_path, shared, tok)
+    if not same_tok:
+        say("note: the policy and the reward model use different tokenizers; responses reach the reward model as text "
+            "(decoded, then rendered with its own chat template and tokenizer)")
+
+    # actor (and the reference)
+    actor = load_for_training(policy_path, cfg)
+    ref = None if cfg.use_peft else frozen(load_causal_lm(policy_path))
+
+    # reward model
+    rm = frozen(load_reward_model(reward_path))
+    if rm.config.num_labels != 1:
+        raise UsageError(f"--reward {cfg.reward} has {rm.config.num_labels} labels; a reward model has exactly one")
+    if rm.config.pad_token_id is None:
+        rm.config.pad_token_id = reward_tok.pad_token_id
+
+    # critic
+    source = {"reward": reward_path, "policy": policy_path}.get(cfg.critic, getattr(critic, "path", None))
+    if cfg.critic == "reward" and not same_tok:
+        say("note: the critic must read the policy's tokens; it starts from the policy instead of the reward model")
+        source = policy_path
+    peft_opts = dataclasses.replace(cfg, lora=cfg.critic_lora and cfg.lora, qlora=cfg.critic_lora and cfg.qlora)
+    seqcls = load_for_training(source, peft_opts, head=REWARD_HEAD, pad_token_id=tok.pad_token_id)
+    base = seqcls.get_base_model() if hasattr(seqcls, "get_base_model") else seqcls
+    if source == policy_path:  # a new head: start every value at 0
+        torch.nn.init.zeros_(base.score.weight)
+    if base.config.vocab_size < len(tok):
+        raise UsageError(f"the critic ({source}) has a vocabulary of {base.config.vocab_size} but the policy's tokenizer has "
+                         f"{len(tok)} tokens; set critic=policy")
+    return Roles(actor, ref, rm, ValueModel(seqcls), tok=tok, reward_tok=reward_tok, same_tok=same_tok,
+                 critic_source=source)
+
+
+def _load_shared(cfg: PPOConfig, policy_path: str, reward_path: str, reward_adapter: str, tok) -> SharedRoles:
+    base = load_for_training(policy_path, dataclasses.replace(cfg, lora=False))
+    if hasattr(base, "peft_config"):  # load_for_training adds adapters only when asked; be sure
+        base = base.get_base_model()
+    model = get_peft_model(base, lora_config(cfg, model_config=base.config), adapter_name="actor")
+    model.load_adapter(reward_adapter, adapter_name="reward", is_trainable=False)
+    # The reward model's score head: from the merged reward artifact (the adapter's copy has the same values).
+    head_w = load_file(str(Path(reward_path) / "model.safetensors"))["score.weight"]
+    hidden = head_w.shape[1]
+    reward_head = torch.nn.Linear(hidden, 1, bias=False)
+    value_head = torch.nn.Linear(hidden, 1, bias=False)
+    with torch.no_grad():
+        reward_head.weight.copy_(head_w.float())
+        if cfg.critic == "reward":
+            value_head.weight.copy_(head_w.float())
+        else:
+            value_head.weight.zero_()
+    reward_head.requires_grad_(False)
+    if cfg.critic == "reward":  # the critic's adapter starts as a trainable copy of the reward adapter
+        model.load_adapter(reward_adapter, adapter_name="critic", is_trainable=True)
+    else:
+        model.add_adapter("critic", lora_config(cfg, model_config=base.config))
+    roles = SharedRoles(SharedBase(model, reward_head, value_head), tok=tok,
+                        critic_source=reward_path if cfg.critic == "reward" else policy_path)
+    roles.use("actor")
+    return roles
+
+
+def weights_digest(model) -> str:
+    """sha256 over a model's parameters (names and values), to compare processes."""
+    h = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
