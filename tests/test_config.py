@@ -108,3 +108,60 @@ def test_accelerate_configs_parse(path):
     cfg = load_config_from_file(str(path))
     assert cfg.num_processes >= 2
     assert str(cfg.distributed_type).split(".")[-1] in {"MULTI_GPU", "FSDP", "DEEPSPEED", "MULTI_CPU"}
+
+
+# Digests of every stage's default config (json, sorted keys), taken before the configs were split into shared
+# groups (ppo without its former dora/merge): the default lifecycle must keep exactly these values.
+DEFAULTS_SHA256 = {"pretrain": "3d0d2a1ba615f935", "sft": "60a55fee8a8eb691", "reward": "532c7507fb00a0ed",
+                   "ppo": "1a903d2bd3131622"}
+
+
+@pytest.mark.parametrize("stage", sorted(STAGE_CONFIGS))
+def test_defaults_are_pinned(stage):
+    import dataclasses
+    import hashlib
+    import json
+
+    d = dataclasses.asdict(STAGE_CONFIGS[stage]())
+    assert hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16] == DEFAULTS_SHA256[stage], d
+
+
+INPUTS = {"pretrain": {}, "sft": {"base": "b"}, "reward": {"base": "b"}, "ppo": {"policy": "p", "reward": "r"}}
+
+
+@pytest.mark.parametrize("stage", sorted(STAGE_CONFIGS))
+def test_length_and_its_check_are_the_same_for_every_stage(stage):
+    cls = STAGE_CONFIGS[stage]
+    cfg = build_config(cls, None, {"out": "x", **INPUTS[stage]})
+    assert cfg.total_steps == cfg.steps == cls().steps  # -1: the recipe's length
+    assert build_config(cls, None, {"out": "x", "max_steps": 3, **INPUTS[stage]}).total_steps == 3
+    for bad in (0, -2):
+        with pytest.raises(UsageError, match=f"max_steps={bad}; must be positive"):
+            build_config(cls, None, {"out": "x", "max_steps": bad, **INPUTS[stage]})
+
+
+def test_every_group_reports_its_problems_at_once():
+    from lifecycle.config import PeftCommon, RewardConfig, TrainCommon
+
+    assert TrainCommon(out="x").validate() == []
+    assert PeftCommon(lora=True, qlora=True, lora_r=0).validate() == [
+        "--lora and --qlora both given; pick one (--qlora already trains LoRA adapters, on a 4-bit base)",
+        "lora_r=0; must be at least 1"]
+    with pytest.raises(UsageError) as e:
+        build_config(RewardConfig, None, {"max_steps": 0, "lora_r": 0, "lr": 2, "world_samples": 0})
+    msg = str(e.value)
+    for needle in ("--out is required", "max_steps=0", "lora_r=0", "--base is required", "lr=2.0", "world_samples=0"):
+        assert needle in msg, needle
+
+
+def test_every_recipe_file_is_checked():
+    """Each YAML under recipes/ is a stage recipe or an Accelerate config (both loaded by the tests above) or a
+    lifecycle recipe (run.yaml), whose stages' configs are built here; a new recipe cannot go unchecked."""
+    from lifecycle.runner import load_recipe
+
+    for p in (ROOT / "recipes").rglob("*.y*ml"):
+        if p.name == "run.yaml":
+            for stage, path, inline in load_recipe(str(p.parent)):
+                build_config(STAGE_CONFIGS[stage], path, {"out": "x", **inline}, check=False)
+        else:
+            assert p in STAGE_RECIPES or "accelerate" in p.parts, p
