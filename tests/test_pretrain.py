@@ -16,7 +16,8 @@ import torch
 from lifecycle import training
 from lifecycle.config import PretrainConfig, build_config
 from lifecycle.errors import Interrupted
-from lifecycle.stages.pretrain import batch_indices, pack
+from lifecycle.stages.pretrain import pack
+from lifecycle.training import batch_indices
 
 
 # ---------------------------------------------------------------------------
@@ -86,6 +87,18 @@ def test_batch_order_covers_every_block_once_per_epoch():
     assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:]) == list(range(10))
     assert batch_indices(2, G, n, seed=3) == batch_indices(2, G, n, seed=3)
     assert batch_indices(0, G, n, seed=3) != batch_indices(0, G, n, seed=4)
+    assert sorted(i for step in range(5) for i in batch_indices(step, G, n, seed=3, rng="python")) == sorted(2 * list(range(10)))
+
+
+def test_batch_order_is_pinned_for_each_stage():
+    """The data order each stage was tuned with (pretrain: torch, ppo: python) never moves: golden values
+    from the two functions this one replaced, across an epoch boundary."""
+    assert batch_indices(3, 4, 10, seed=7) == [9, 2, 3, 6]
+    assert batch_indices(0, 5, 7, seed=0) == [4, 0, 5, 3, 2]
+    assert batch_indices(3, 4, 10, seed=7, rng="python") == [0, 1, 7, 6]
+    assert batch_indices(0, 5, 7, seed=0, rng="python") == [4, 2, 1, 0, 5]
+    with pytest.raises(ValueError):
+        batch_indices(0, 1, 2, seed=0, rng="numpy")
 
 
 # ---------------------------------------------------------------------------
@@ -125,6 +138,59 @@ def test_tiny_pretrain_writes_a_standard_artifact(tmp_path):
     text = pipeline("text-generation", model=model, tokenizer=tok)("12 plus 30 equals", max_new_tokens=4, do_sample=False)
     assert text[0]["generated_text"].startswith("12 plus 30 equals")
     assert tok.chat_template and "<|assistant|>" in tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    _assert_tokenizer_readable_by_transformers_4(out)
+
+
+def _assert_tokenizer_readable_by_transformers_4(path: Path) -> None:
+    """transformers 4.x reads tokenizer_config.json's tokenizer_class through its own table (it has no
+    TokenizersBackend), calls .keys() on extra_special_tokens (a list fails), and older 4.x releases
+    read the chat template from tokenizer_config.json only."""
+    conf = json.loads((path / "tokenizer_config.json").read_text())
+    assert conf["tokenizer_class"] == "PreTrainedTokenizerFast"
+    assert not isinstance(conf.get("extra_special_tokens"), list)
+    assert conf["additional_special_tokens"] == ["<|system|>", "<|user|>", "<|assistant|>"]
+    assert conf["eos_token"] == "<|endoftext|>" and conf["pad_token"] == "<|pad|>"
+    assert "<|assistant|>" in conf["chat_template"]
+    tok = json.loads((path / "tokenizer.json").read_text())
+    assert tok["model"]["type"] == "BPE" and {t["content"] for t in tok["added_tokens"]} >= {"<|endoftext|>", "<|pad|>"}
+
+
+def test_portable_tokenizer_files_load_the_same_in_transformers_5(tmp_path, tiny_tokenizer, chatml_tokenizer):
+    from transformers import AutoTokenizer
+
+    from lifecycle.tokenizer import save_tokenizer
+
+    msgs = [{"role": "user", "content": "what is 12 plus 30 ?"}, {"role": "assistant", "content": "42"}]
+    for name, tok in (("ours", tiny_tokenizer), ("chatml", chatml_tokenizer)):
+        plain, portable = tmp_path / f"{name}-plain", tmp_path / f"{name}-portable"
+        tok.save_pretrained(plain)
+        save_tokenizer(tok, portable)
+        assert json.loads((plain / "tokenizer_config.json").read_text())["tokenizer_class"] == "TokenizersBackend"
+        a, b = AutoTokenizer.from_pretrained(plain), AutoTokenizer.from_pretrained(portable)
+        for attr in ("eos_token", "pad_token", "bos_token", "all_special_tokens", "extra_special_tokens", "chat_template"):
+            assert getattr(a, attr) == getattr(b, attr), attr
+        text = "add 12 and 30 to get 42 .<|endoftext|>"
+        assert a(text)["input_ids"] == b(text)["input_ids"]
+        assert a.apply_chat_template(msgs, tokenize=False) == b.apply_chat_template(msgs, tokenize=False)
+    _assert_tokenizer_readable_by_transformers_4(tmp_path / "ours-portable")
+    conf = json.loads((tmp_path / "chatml-portable" / "tokenizer_config.json").read_text())
+    assert conf["additional_special_tokens"] == ["<|im_start|>", "<|im_end|>"] and "<|im_end|>" in conf["chat_template"]
+
+
+def test_sample_prompt_on_user_text_is_the_start_of_a_held_out_document(tiny_tokenizer):
+    from lifecycle.stages.pretrain import sample_prompt
+
+    held = ["the cat number 7 sat on mat 3 . it was a quiet day in the town", "other"]
+    user = build_config(PretrainConfig, None, {"out": "x", "data": ["corpus.txt"]})
+    prompt = sample_prompt(user, held, tiny_tokenizer)
+    ids = tiny_tokenizer(held[0], add_special_tokens=False)["input_ids"]
+    assert prompt == tiny_tokenizer.decode(ids[:8]) and held[0].startswith(prompt) and 0 < len(prompt) < len(held[0])
+    # The built-in world keeps its prompt; a prompt the user gives is used as given.
+    assert sample_prompt(build_config(PretrainConfig, None, {"out": "x"}), held, tiny_tokenizer) == "the sum of 48 and 87 is"
+    mine = build_config(PretrainConfig, None, {"out": "x", "data": ["c.txt"], "sample_prompt": "once upon"})
+    assert sample_prompt(mine, held, tiny_tokenizer) == "once upon"
+    # A held-out document of two tokens gives its first.
+    assert sample_prompt(user, ["ab 1"], tiny_tokenizer) == tiny_tokenizer.decode(tiny_tokenizer("ab 1")["input_ids"][:1])
 
 
 def test_gpt2_preset_and_user_text_file(tmp_path):
@@ -136,6 +202,8 @@ def test_gpt2_preset_and_user_text_file(tmp_path):
     out = tmp_path / "gpt2"
     pretrain.run(_cfg(out, model="gpt2-micro", data=[str(data)], steps=4, eval_every=4))
     m = read_manifest(out)
+    samples = [r["sample"] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "sample" in r]
+    assert samples and all(s.startswith("the cat number") for s in samples)  # a held-out document's start
     assert json.loads((out / "config.json").read_text())["model_type"] == "gpt2"
     assert "heldout_completion_accuracy" not in m["metrics"]
 
