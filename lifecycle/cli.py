@@ -122,10 +122,8 @@ def summary(cls: type) -> str:
 def run_stage(name: str, cfg: Any) -> None:
     """Import the stage (torch from here on) and run it; `llm ppo --explain` only explains."""
     stage = importlib.import_module(f"lifecycle.stages.{name}")
-    explain = getattr(stage, "explain", None)
-    # ppo.explain(cfg) prints the batch hierarchy and the memory of the four roles and returns the text.
-    if getattr(cfg, "explain", False) and explain is not None and len(inspect.signature(explain).parameters) == 1:
-        explain(cfg)
+    if getattr(cfg, "explain", False):  # ppo: print the batch hierarchy and the four roles' memory; train nothing
+        stage.explain(cfg)
     else:
         stage.run(cfg)
 
@@ -140,7 +138,7 @@ def estimate_memory(cfg: EstimateMemoryConfig) -> None:
     if cfg.measure:
         from lifecycle import memory_measure  # torch from here on
 
-        if hasattr(memory_measure, "cli_measure"):
+        if hasattr(memory_measure, "cli_measure"):  # else the estimator's own --measure path below
             memory_measure.cli_measure(**args, echo=typer.echo)
             return
     from lifecycle.memory import cli_estimate

@@ -248,7 +248,7 @@ class PretrainConfig(TrainCommon):
     tokenizer: str = opt("", "Reuse this tokenizer (directory or hub id) instead of training a new one.")
     vocab_size: int = opt(512, "Vocabulary size of the byte-level BPE tokenizer trained on the corpus.")
     # --- model ---
-    model: str = opt("llama-tiny", "A preset name (see `llm pretrain --help`) or a path to a transformers config.json.")
+    model: str = opt("llama-tiny", "A preset name (an unknown name lists them all) or a path to a transformers config.json.")
     seq_len: int = opt(64, "Tokens per training block (documents are joined with EOS and packed).")
     gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.")
     compile: bool = opt(False, "torch.compile the model.")
