@@ -100,6 +100,14 @@ def tensorboard_dir(out: str | Path) -> Path:
     return Path(out) / "tb"
 
 
+def project_config(out: str | Path):
+    """Accelerate's project settings for a loop we own: trackers log under OUT/tb (Accelerate
+    adds the run name given to init_trackers, the stage: OUT/tb/pretrain)."""
+    from accelerate.utils import ProjectConfiguration
+
+    return ProjectConfiguration(project_dir=str(out), logging_dir=str(tensorboard_dir(out)))
+
+
 def check_memory(cfg: Any, model: Any, stage: str, *, batch_size: int | None = None, seq_len: int | None = None,
                  gpus: int = 1, echo=None):
     """The memory estimator's verdict for a stage config: refuse (unless --force) a run that will not fit the GPU.

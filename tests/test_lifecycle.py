@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -43,3 +44,76 @@ def test_run_chains_every_stage_and_writes_the_report(tmp_path):
     again = subprocess.run([sys.executable, "-m", "lifecycle", "run", str(recipe), "--out", str(out)],
                            capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and again.stdout.count("is complete; skipping") == 4
+
+
+# ---------------------------------------------------------------------------
+# What a stage takes from its parent and how the TRL stages are set up
+# ---------------------------------------------------------------------------
+def _sft_cfg(base, **kw):
+    from lifecycle.config import SFTConfig, build_config
+
+    return build_config(SFTConfig, None, {"out": "/tmp/unused", "base": str(base), **kw}, check=False)
+
+
+def test_sft_max_length_inherits_the_parents_training_length(tmp_path, tiny_base, family_dir):
+    """max_length 0 (unset) takes the length the parent trained at, capped by the model's context;
+    a value the user sets is kept."""
+    from dataclasses import replace
+
+    from lifecycle import artifacts
+    from lifecycle.finetune import inherit_max_length
+
+    info = artifacts.check_artifact(str(tiny_base), artifacts.CAUSAL_LM, "--base")
+    context = json.loads((tiny_base / "config.json").read_text())["max_position_embeddings"]
+    assert inherit_max_length(_sft_cfg(tiny_base, max_length=96), info) == 96
+    pretrained = replace(info, manifest={**info.manifest, "config": {"seq_len": 64}})
+    assert inherit_max_length(_sft_cfg(tiny_base, max_length=0), pretrained) == 64
+    long = replace(info, manifest={**info.manifest, "config": {"seq_len": context * 4}})
+    assert inherit_max_length(_sft_cfg(tiny_base, max_length=0), long) == context
+    after_sft = replace(info, manifest={**info.manifest, "stage": "sft", "config": {"max_length": 48}})
+    assert inherit_max_length(_sft_cfg(tiny_base, max_length=0), after_sft) == 48
+    # A hub-style directory records no training length: 2048, capped by its context.
+    hub = artifacts.check_artifact(str(family_dir("qwen3")), artifacts.CAUSAL_LM, "--base")
+    hub_context = json.loads((family_dir("qwen3") / "config.json").read_text())["max_position_embeddings"]
+    assert inherit_max_length(_sft_cfg(hub.path, max_length=0), hub) == min(2048, hub_context)
+    assert inherit_max_length(_sft_cfg("org/model", max_length=0), artifacts.Artifact("org/model", artifacts.CAUSAL_LM, None, hub=True)) == 2048
+
+
+def test_ddp_looks_for_unused_parameters_only_in_a_mixture_of_experts(tiny_base, family_dir):
+    import trl
+
+    from lifecycle.finetune import trainer_args
+
+    def find_unused(base) -> bool:
+        return trainer_args(trl.SFTConfig, _sft_cfg(base), has_eval=False, resuming=False).ddp_find_unused_parameters
+
+    assert find_unused(tiny_base) is False
+    assert find_unused(family_dir("qwen3")) is False
+    assert find_unused(family_dir("mixtral")) is True
+    assert find_unused(family_dir("qwen3_moe")) is True
+    assert find_unused("org/unknown-model") is True  # cannot read its config here: keep DDP's search
+
+
+def test_tensorboard_events_of_every_stage_go_to_out_tb(tmp_path, tiny_base):
+    """pretrain and ppo log through Accelerate into OUT/tb/<stage>; the Trainer stages are pointed there too."""
+    from types import SimpleNamespace
+
+    import trl
+    from transformers.integrations import TensorBoardCallback
+
+    from lifecycle import finetune, training
+
+    out = tmp_path / "sft"
+    tb = object.__new__(TensorBoardCallback)  # as the Trainer makes it, without needing tensorboard installed
+    tb.tb_writer, tb.logging_dir = None, None
+    added = []
+    trainer = SimpleNamespace(
+        args=finetune.trainer_args(trl.SFTConfig, _sft_cfg(tiny_base, out=str(out)), has_eval=False, resuming=False),
+        callback_handler=SimpleNamespace(callbacks=[tb]),
+        remove_callback=lambda cb: None, add_callback=added.append,
+    )
+    finetune.attach_progress(trainer)
+    assert Path(tb.logging_dir) == training.tensorboard_dir(out) / "sft" == out / "tb" / "sft"
+    # Accelerate's trackers write to <logging_dir>/<run name>; pretrain names its run "pretrain".
+    acc = training.make_accelerator(project_config=training.project_config(tmp_path / "pretrain"))
+    assert Path(acc.logging_dir) == tmp_path / "pretrain" / "tb"

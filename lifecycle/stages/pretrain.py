@@ -115,7 +115,7 @@ def run(cfg: PretrainConfig) -> Path:
 
     if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise UsageError("mixed_precision=fp16 needs a CUDA GPU (loss scaling); on CPU use bf16 or no")
-    from accelerate.utils import ProjectConfiguration, set_seed
+    from accelerate.utils import set_seed
 
     from lifecycle import artifacts, training
     from lifecycle.generate import generate_batch
@@ -129,8 +129,7 @@ def run(cfg: PretrainConfig) -> Path:
     acc = training.make_accelerator(
         mixed_precision=cfg.mixed_precision,
         log_with=None if cfg.report_to == "none" else cfg.report_to,
-        # TensorBoard events in OUT/tb/pretrain, where every stage puts its own
-        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(training.tensorboard_dir(out))),
+        project_config=training.project_config(out),  # TensorBoard events in OUT/tb/pretrain, as every stage's
     )
     set_seed(cfg.seed)
 
