@@ -31,6 +31,7 @@ import torch
 
 from lifecycle import memory
 from lifecycle.errors import UsageError
+from lifecycle.memory_trace import hf_config
 
 TORCH_DTYPES = {2: torch.bfloat16, 4: torch.float32}
 LORA_MODULES = {
@@ -40,22 +41,6 @@ LORA_MODULES = {
 }
 COMPARED = ("params_bytes", "lora_params_bytes", "quant_constants_bytes", "grads_bytes", "optimizer_bytes",
             "weight_copies_bytes", "activations_bytes", "logits_bytes")
-
-
-def _hf_config(cfg: dict, attn: str, stage: str):
-    from transformers import AutoConfig
-
-    d = dict(cfg)
-    mt = d.pop("model_type", None) or ("gpt2" if "n_embd" in d else "llama")
-    for k in ("architectures", "transformers_version", "torch_dtype", "dtype", "auto_map", "quantization_config"):
-        d.pop(k, None)
-    conf = AutoConfig.for_model(mt, **d)
-    conf._attn_implementation = attn
-    conf.use_cache = False
-    if stage == "reward":
-        conf.num_labels = 1
-        conf.pad_token_id = conf.vocab_size - 1
-    return conf
 
 
 def build(config: dict, *, stage: str, method: str, lora_r: int, dtype: str, precision: str | None, attn: str,
@@ -74,12 +59,15 @@ def build(config: dict, *, stage: str, method: str, lora_r: int, dtype: str, pre
     if regime == "mixed" and style == "master":
         raise UsageError("--measure runs plain PyTorch; the fp32-master-copy layout is DeepSpeed's (drop --mp-style master)")
     half = memory.DTYPES[dtype]
-    dts = memory._dtypes(regime, style, half, method, True)
+    dts = memory.dtypes_for(regime, style, half, method, True)
     half_t = torch.float16 if dtype == "fp16" else torch.bfloat16
     pdt = torch.float32 if dts["pdt"] == 4 else half_t
-    sh = memory.shape_from_config(config)
-    conf = _hf_config(config, attn, stage)
+    sh = memory.model_shape(config)
     cls = AutoModelForSequenceClassification if stage == "reward" else AutoModelForCausalLM
+    conf = hf_config(config, attn=attn, head="score" if stage == "reward" else "lm")
+    if not getattr(cls._model_mapping[type(conf)], "_supports_sdpa", True):
+        attn = "eager"                      # as the estimate traces it (e.g. Gemma 2 has no SDPA)
+        conf._attn_implementation = attn
     torch.manual_seed(seed)
     if method == "qlora":
         from transformers import BitsAndBytesConfig
@@ -95,10 +83,13 @@ def build(config: dict, *, stage: str, method: str, lora_r: int, dtype: str, pre
     if method in ("lora", "qlora"):
         from peft import LoraConfig, get_peft_model
 
-        roles = memory.LORA_ROLES[sh.arch]
-        if lora_targets:
-            roles = tuple(r for r in roles if r in lora_targets)
-        targets = sorted({LORA_MODULES[sh.arch][r] for r in roles})
+        if sh.arch == "generic":
+            targets = "all-linear"
+        else:
+            roles = memory.LORA_ROLES[sh.arch]
+            if lora_targets:
+                roles = tuple(r for r in roles if r in lora_targets)
+            targets = sorted({LORA_MODULES[sh.arch][r] for r in roles})
         lcfg = LoraConfig(r=lora_r, lora_alpha=2 * lora_r, lora_dropout=lora_dropout, target_modules=targets,
                           task_type="SEQ_CLS" if stage == "reward" else "CAUSAL_LM")
         model = get_peft_model(model, lcfg)
@@ -150,7 +141,7 @@ def measure(config: dict, *, stage: str = "sft", method: str = "full", lora_r: i
         raise UsageError(f"--measure runs one training step of one model; --stage {stage} is estimate-only "
                          f"(use pretrain, sft or reward)")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    sh = memory.shape_from_config(config)
+    sh = memory.model_shape(config)
     model, ac_dtype = build(config, stage=stage, method=method, lora_r=lora_r, dtype=dtype, precision=precision,
                             attn=attn, grad_ckpt=grad_ckpt, device=device, lora_dropout=lora_dropout,
                             lora_targets=lora_targets, seed=seed)
@@ -271,35 +262,51 @@ def _ram_available() -> int | None:
         return None
 
 
-def measure_cli(config: dict, name: str, *, echo=print, as_json: bool = False, **kw: Any) -> dict:
-    """Estimate for the device at hand, refuse what will not fit it, measure, print both."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    est_kw = {k: v for k, v in kw.items() if k in ("stage", "method", "lora_r", "dtype", "precision", "optimizer",
-                                                 "batch_size", "seq_len", "grad_ckpt", "attn", "lora_dropout",
-                                                 "lora_targets")}
-    est = memory.estimate(config, device=device, name=name, **est_kw)
-    have = torch.cuda.mem_get_info()[0] if device == "cuda" else _ram_available()
+def cli_measure(*, model: str, stage: str = "sft", method: str = "full", lora_r: int = 8, dtype: str = "bf16",
+                precision: str | None = None, mp_style: str | None = None, optimizer: str = "adamw",
+                batch_size: int = 1, seq_len: int | None = None, grad_ckpt: str = "none", attn: str = "sdpa",
+                zero: int = 0, gpus: int = 1, gpu_memory: str | None = None, device: str = "cuda",
+                as_json: bool = False, echo=print, measure: bool = True) -> None:
+    """`llm estimate-memory --measure`: validate, estimate for the device at hand, refuse what will not fit it,
+    build the model, run one real step and print estimated vs measured per row.
+
+    `gpu_memory` and `device` are the estimate's options; the measured step runs on
+    this machine's device (CUDA if present, else CPU), and so does the estimate it is compared with.
+    """
+    if zero or gpus != 1 or mp_style == "master":
+        raise UsageError("--measure runs one step on this machine's single device; drop --zero/--gpus/--mp-style master")
+    if stage not in ("pretrain", "sft", "reward"):
+        raise UsageError(f"--measure runs one training step of one model; --stage {stage} is estimate-only "
+                         f"(use pretrain, sft or reward)")
+    config, name, sh, seq_len, _ = memory.resolve(model, seq_len, gpu_memory)
+    memory.validate(stage, method, dtype, precision, optimizer, grad_ckpt, attn, zero, gpus, batch_size, seq_len,
+                    lora_r, device, mp_style)
+    kw = dict(stage=stage, method=method, lora_r=lora_r, dtype=dtype, precision=precision, optimizer=optimizer,
+              batch_size=batch_size, seq_len=seq_len, grad_ckpt=grad_ckpt, attn=attn)
+    run_on = "cuda" if torch.cuda.is_available() else "cpu"
+    est = memory.estimate(config, device=run_on, name=name, **kw)
+    have = torch.cuda.mem_get_info()[0] if run_on == "cuda" else _ram_available()
     if have and est.total_bytes > 0.8 * have:
-        raise UsageError(f"--measure would need about {memory.fmt_bytes(est.total_bytes)} on this {device} but only "
+        raise UsageError(f"--measure would need about {memory.fmt_bytes(est.total_bytes)} on this {run_on} but only "
                          f"{memory.fmt_bytes(have)} is free; measure a smaller model (a tiny config.json), a shorter "
                          f"--seq-len or a smaller --batch-size")
-    meas = measure(config, device=device, **est_kw)
+    meas = measure(config, device=run_on, **kw)
     rows = compare(est, meas)
     if as_json:
         import json
 
-        echo(json.dumps({"estimate": est.to_dict(), "measured": meas["rows"], "device": device,
+        echo(json.dumps({"estimate": est.to_dict(), "measured": meas["rows"], "device": run_on,
                          "peak_allocated_bytes": meas["peak_allocated_bytes"],
                          "comparison": [dict(row=r, estimated=e, measured=m, error_pct=err) for r, e, m, err in rows]},
                         indent=2))
-        return meas
+        return None
     st = est.settings
-    echo(f"{name}: one {st['stage']} step on {device}, {st['method']}, {est.regime}, {st['optimizer']}, "
+    echo(f"{name}: one {st['stage']} step on {run_on}, {st['method']}, {est.regime}, {st['optimizer']}, "
          f"batch {st['batch_size']} x seq {st['seq_len']}, {st['attn']}, grad ckpt {st['grad_ckpt']}")
     w = max(len(r[0]) for r in rows) + 2
     echo(f"{'row':<{w}}{'estimated':>12}{'measured':>12}{'error':>9}")
     for r, e, m, err in rows:
         echo(f"{r:<{w}}{memory.fmt_bytes(e):>12}{memory.fmt_bytes(m):>12}{'' if err is None else f'{err:+.1f}%':>9}")
-    if device == "cpu":
+    if run_on == "cpu":
         echo("(CPU: rows counted exactly from tensors; on CUDA the peak from max_memory_allocated is compared too)")
-    return meas
+    return None

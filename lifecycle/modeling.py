@@ -12,19 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from lifecycle.errors import UsageError
-
-# Architecture shapes only; the vocabulary comes from the tokenizer.
-PRESETS: dict[str, dict[str, Any]] = {
-    # The built-in world's model: 0.86M parameters, trains in minutes on 2 CPU cores.
-    "llama-tiny": dict(arch="llama", hidden=128, layers=4, heads=4, kv_heads=4, mlp=384, max_pos=256, tied=True),
-    "gpt2-tiny": dict(arch="gpt2", hidden=128, layers=4, heads=4, mlp=512, max_pos=256, tied=True),
-    # Test-sized.
-    "llama-micro": dict(arch="llama", hidden=32, layers=2, heads=4, kv_heads=2, mlp=64, max_pos=128, tied=True),
-    "gpt2-micro": dict(arch="gpt2", hidden=32, layers=2, heads=4, mlp=128, max_pos=128, tied=True),
-    # GPU-sized recipes.
-    "gpt2-124m": dict(arch="gpt2", hidden=768, layers=12, heads=12, mlp=3072, max_pos=1024, tied=True),
-    "llama-100m": dict(arch="llama", hidden=768, layers=12, heads=12, kv_heads=4, mlp=2048, max_pos=2048, tied=True),
-}
+from lifecycle.presets import PRESETS  # noqa: F401  architecture shapes; the vocabulary comes from the tokenizer
 
 
 def model_config(spec: str, vocab_size: int, eos_id: int, pad_id: int):

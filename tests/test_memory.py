@@ -16,7 +16,7 @@ import sys
 
 import pytest
 
-from lifecycle import memory
+from lifecycle import memory, presets
 from lifecycle.errors import UsageError
 
 GB = 1e9
@@ -279,23 +279,23 @@ def test_published_parameter_counts():
         assert memory.count_params(cfg) == memory.PUBLISHED_PARAMS[name]
 
 
-def test_project_presets_are_read_without_importing_modeling():
-    """modeling.py's PRESETS are parsed with ast (no torch); their counts match the models modeling.py builds."""
-    project = memory._project_presets()
-    if not project:
-        pytest.skip("lifecycle/modeling.py defines no PRESETS")
+def test_project_presets_count_like_the_models_modeling_builds():
+    """The project's build presets live in the torch-free presets module (modeling imports them from there);
+    their counts match the models modeling.py builds."""
+    project = presets.PRESETS
     pytest.importorskip("torch")
     from lifecycle import modeling
 
+    assert modeling.PRESETS is presets.PRESETS
     for name in project:
-        if memory._norm_name(name) in memory.ALIASES or name in memory.PRESETS:
+        if presets.norm_name(name) in presets.ALIASES or name in presets.PUBLISHED:
             continue                      # a published architecture of the same name wins (full vocabulary)
         cfg, label = memory.load_model_config(name)
         assert name in label
         if "tiny" in name or "micro" in name:
             from transformers import AutoModelForCausalLM
 
-            built = AutoModelForCausalLM.from_config(modeling.model_config(name, memory.PROJECT_VOCAB, 0, 1))
+            built = AutoModelForCausalLM.from_config(modeling.model_config(name, presets.PROJECT_VOCAB, 0, 1))
             assert memory.count_params(cfg) == sum(p.numel() for p in built.parameters()), name
 
 
@@ -355,7 +355,7 @@ def test_cli_table_json_and_no_torch(tmp_path):
     assert d["fits"] is True and d["max_batch_size"] >= 1
     art = tmp_path / "art"
     art.mkdir()
-    (art / "config.json").write_text(json.dumps(memory.PRESETS["gpt2"]))
+    (art / "config.json").write_text(json.dumps(presets.PUBLISHED["gpt2"]))
     r = _llm("--model", str(art), "--seq-len", "512")
     assert r.returncode == 0 and "total_bytes" in r.stdout and "params_bytes" in r.stdout
     code = "import sys, lifecycle.memory, lifecycle.cli; print('torch' in sys.modules)"
