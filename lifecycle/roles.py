@@ -24,12 +24,13 @@ import torch
 from peft import get_peft_model
 from safetensors.torch import load_file
 
-from lifecycle.artifacts import Artifact, artifact_digest
+from lifecycle.artifacts import Artifact, artifact_digest, atomic_write_json
 from lifecycle.config import PPOConfig
 from lifecycle.errors import UsageError
 from lifecycle.modeling import (REWARD_HEAD, count_params, describe_trainable, load_causal_lm, load_for_training,
                                 lora_config, merge_adapter)
-from lifecycle.reward_model import load_reward_model, score_tokens
+from lifecycle.generate import render_prompts
+from lifecycle.reward_model import encode, load_reward_model, pad_batch, score_tokens
 from lifecycle.rl import Rollout
 from lifecycle.tokenizer import load_tokenizer
 
@@ -77,6 +78,7 @@ class Roles:
         self.actor_u, self.critic_u = actor, critic  # unwrapped (no DDP): for no-grad passes
         self.tok, self.reward_tok, self.same_tok, self.critic_source = tok, reward_tok, same_tok, critic_source
         self.trained = [actor, critic]  # the modules Accelerate wraps (DDP)
+        self.reads_rollout_ids = False  # see `check_reading`
 
     # -- setup -----------------------------------------------------------------
     def actor_params(self) -> list:
@@ -123,6 +125,30 @@ class Roles:
     def scores(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Reward-model scores (B,) of token ids in the reward model's vocabulary, read at each row's last real token."""
         return score_tokens(self.reward, ids, mask)
+
+    # -- the reward model reads what `llm reward` trained it on --------------------------------
+    def check_reading(self, prompt, stop: list[int]) -> bool:
+        """Whether a rollout's ids (rendered prompt + sampled response up to its stop id) are the ids `llm reward`
+        trains on (reward_model.encode: the reward tokenizer's chat template, the turn closed by its end marker).
+        Checked once on a probe answer: same tokenizer, the rendered prompt is a prefix of the rendered
+        conversation, and the conversation ends with a stop id the policy emits. Sets `reads_rollout_ids`."""
+        self.reads_rollout_ids = False
+        if self.same_tok:
+            [full], _ = encode(self.reward_tok, [prompt], ["0"])
+            head = self.tok(render_prompts(self.tok, [prompt])[0], add_special_tokens=False)["input_ids"]
+            self.reads_rollout_ids = full[: len(head)] == head and full[-1] in stop
+        return self.reads_rollout_ids
+
+    def score_samples(self, raw_prompts: list, samples: list, r: Rollout) -> torch.Tensor:
+        """(B,) the reward model's score of each prompt + response, read where `llm reward` reads it: at the end of
+        the conversation rendered by the reward tokenizer's chat template. The rollout's own ids when they are that
+        rendering (`check_reading`); otherwise the response text goes over and is rendered with the reward's template."""
+        if self.reads_rollout_ids:
+            ids, mask, _ = r.model_inputs()
+            return self.scores(ids, mask)
+        seqs, _ = encode(self.reward_tok, raw_prompts, [s.text for s in samples])
+        ids, mask = pad_batch(seqs, self.reward_tok.pad_token_id, "right")
+        return self.scores(ids.to(r.response_ids.device), mask.to(r.response_ids.device))
 
     # -- output -----------------------------------------------------------------------
     def digest_models(self) -> tuple:
@@ -185,6 +211,7 @@ class SharedRoles(Roles):
         self.tok = self.reward_tok = tok
         self.same_tok, self.critic_source = True, critic_source
         self.ref = self.reward = None
+        self.reads_rollout_ids = False
         self.trained = [self.shared]
 
     def use(self, name: str) -> None:
@@ -365,6 +392,14 @@ def _load_shared(cfg: PPOConfig, policy_path: str, reward_path: str, reward_adap
                         critic_source=reward_path if cfg.critic == "reward" else policy_path)
     roles.use("actor")
     return roles
+
+
+def write_digest(out: Path, rank: int, step: int, roles: Roles) -> None:
+    """OUT/digests/rank-R.json: this process's actor and critic weights digests (do processes agree?)."""
+    actor, critic = roles.digest_models()
+    (out / "digests").mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "digests" / f"rank-{rank}.json",
+                      {"step": step, "actor": weights_digest(actor), "critic": weights_digest(critic)})
 
 
 def weights_digest(model) -> str:

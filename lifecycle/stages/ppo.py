@@ -47,9 +47,8 @@ from lifecycle.data import world
 from lifecycle.data.prompts import Prompts, as_user_turns, load_prompts
 from lifecycle.errors import Interrupted, UsageError
 from lifecycle.generate import Sample, generate_batch, render_prompts, stop_ids
-from lifecycle.reward_model import encode, pad_batch
 from lifecycle.rl import Rollout
-from lifecycle.roles import Roles, SharedRoles, load_roles, weights_digest
+from lifecycle.roles import Roles, SharedRoles, load_roles, write_digest
 from lifecycle.tokenizer import load_tokenizer
 from lifecycle.watchdog import Watchdog
 
@@ -180,39 +179,19 @@ def to_rollout(tok, prompts: list[str], samples: list[Sample], device) -> Rollou
                            rmask.to(device), ended.to(device))
 
 
-def rm_reads_rollout_ids(roles: Roles, prompt, stop: list[int]) -> bool:
-    """Whether the ids a rollout holds (rendered prompt + sampled response up to its stop id) are the ids
-    `llm reward` trains the reward model on (reward_model.encode: the reward tokenizer's chat template,
-    turn closed by its end marker). Checked once on a probe answer: same tokenizer, the rendered prompt is a
-    prefix of the rendered conversation, and the conversation ends with a stop id the policy emits."""
-    if not roles.same_tok:
-        return False
-    [full], _ = encode(roles.reward_tok, [prompt], ["0"])
-    head = roles.tok(render_prompts(roles.tok, [prompt])[0], add_special_tokens=False)["input_ids"]
-    return full[: len(head)] == head and full[-1] in stop
-
-
-def rm_scores(roles: Roles, raw: list, prompts: list[str], samples: list[Sample], r: Rollout, *, as_rollout: bool,
-              reward_fn: RewardFn | None) -> torch.Tensor:
-    """(B,) the reward model's score of each prompt+response, read where `llm reward` reads it: at the end of the
-    conversation rendered by the reward tokenizer's chat template. When the rollout's ids are that rendering
-    (`rm_reads_rollout_ids`) they are scored as they are; otherwise the response goes over as text."""
-    device = r.response_ids.device
+def scores(roles: Roles, raw: list, prompts: list[str], samples: list[Sample], r: Rollout,
+           reward_fn: RewardFn | None) -> torch.Tensor:
+    """(B,) raw scores: the reward model's (`Roles.score_samples`), or `reward_fn`'s when one is given."""
     if reward_fn is not None:
-        return torch.tensor(reward_fn(prompts, samples), dtype=torch.float32, device=device)
-    if as_rollout:
-        ids, mask, _ = r.model_inputs()
-        return roles.scores(ids, mask)
-    seqs, _ = encode(roles.reward_tok, raw, [s.text for s in samples])
-    ids, mask = pad_batch(seqs, roles.reward_tok.pad_token_id, "right")
-    return roles.scores(ids.to(device), mask.to(device))
+        return torch.tensor(reward_fn(prompts, samples), dtype=torch.float32, device=r.response_ids.device)
+    return roles.score_samples(raw, samples, r)
 
 
 @torch.no_grad()
 def rollout(roles: Roles, tok, raw: list, prompts: list[str], cfg: PPOConfig, stop: list[int], device,
-            score) -> tuple[Rollout, list[Sample], torch.Tensor, float]:
+            reward_fn: RewardFn | None) -> tuple[Rollout, list[Sample], torch.Tensor, float]:
     """Sample, then fill in log π_old, log π_ref, V_old and the raw scores. Returns (rollout, samples,
-    mean entropy, seconds spent sampling). `score(raw, prompts, samples, r)` is `rm_scores` bound to the run."""
+    mean entropy, seconds spent sampling)."""
     t0 = time.perf_counter()
     samples = sample(roles, tok, prompts, cfg, stop)  # batched, KV cache; cut at the first stop id
     t_gen = time.perf_counter() - t0
@@ -223,7 +202,7 @@ def rollout(roles: Roles, tok, raw: list, prompts: list[str], cfg: PPOConfig, st
     del logits
     r.ref_logprobs = rl.logprobs_from_logits(roles.ref_logits(r), r.response_ids, cfg.temperature)
     r.values = roles.values(r) * r.response_mask
-    r.scores = score(raw, prompts, samples, r)
+    r.scores = scores(roles, raw, prompts, samples, r, reward_fn)
     return r, samples, entropy, t_gen
 
 
@@ -238,6 +217,26 @@ def advantages(r: Rollout, score: torch.Tensor, beta: float, cfg: PPOConfig) -> 
     if cfg.whiten_advantages:
         r.advantages = rl.masked_whiten(r.advantages, r.response_mask)
     return rl.explained_variance(r.values, r.returns, r.response_mask)
+
+
+@dataclass
+class LoopState:
+    """What a checkpoint carries besides the weights, optimizers and RNG (Accelerate's part)."""
+
+    kl_ctl: rl.FixedKLController | rl.AdaptiveKLController
+    dog: Watchdog
+    norm: dict | None = None  # {"mean", "std"} of the first rollout's scores, then fixed
+    initial: dict | None = None  # the held-out evaluation before training
+    gate: dict | None = None  # the reward-model gate's findings
+
+    def state_dict(self) -> dict:
+        return {"norm": self.norm, "initial": self.initial, "kl_ctl": self.kl_ctl.state_dict(),
+                "watchdog": self.dog.state_dict(), "gate": self.gate or {}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.norm, self.initial, self.gate = state["norm"], state["initial"], state.get("gate", {})
+        self.kl_ctl.load_state_dict(state["kl_ctl"])
+        self.dog.load_state_dict(state["watchdog"])
 
 
 STATS = ("policy_loss", "value_loss", "clipfrac", "approx_kl", "vf_clipfrac", "grad_norm", "critic_grad_norm")
@@ -309,7 +308,7 @@ def minibatch_step(roles: Roles, mb: Rollout, acc, cfg: PPOConfig, micro: int) -
 # ---------------------------------------------------------------------------
 @torch.no_grad()
 def evaluate(roles: Roles, tok, raw_eval: list, eval_prompts: list[str], problems: list | None, acc, cfg: PPOConfig,
-             stop: list[int], score) -> dict:
+             stop: list[int], reward_fn: RewardFn | None) -> dict:
     """Held-out: greedy responses scored by the reward model (and the gold checker), and KL on sampled responses.
 
     Each process takes every W-th held-out prompt; sums are reduced across processes.
@@ -323,7 +322,7 @@ def evaluate(roles: Roles, tok, raw_eval: list, eval_prompts: list[str], problem
     if prompts:
         greedy = sample(roles, tok, prompts, cfg, stop, greedy=True)
         r = to_rollout(tok, prompts, greedy, acc.device)
-        sums[0] = score(raw, prompts, greedy, r).sum()
+        sums[0] = scores(roles, raw, prompts, greedy, r, reward_fn).sum()
         if problems is not None:
             right = [world.gold_check(problems[i].question, s.text, s.ended) for i, s in zip(idx, greedy)]
             carry = [problems[i].has_carry for i in idx]
@@ -349,7 +348,7 @@ def evaluate(roles: Roles, tok, raw_eval: list, eval_prompts: list[str], problem
 
 @torch.no_grad()
 def rm_gate(roles: Roles, tok, raw_train: list, train_prompts: list[str], rm_manifest: dict | None, acc,
-            cfg: PPOConfig, stop: list[int], score) -> dict:
+            cfg: PPOConfig, stop: list[int]) -> dict:
     """The reward-model quality gate: its held-out pairwise accuracy (from its manifest) and whether its score
     follows response length. Two sampled responses per prompt; the length bias is measured within each prompt's
     pair (score difference against length difference), so prompts whose answers are simply longer do not count."""
@@ -361,7 +360,7 @@ def rm_gate(roles: Roles, tok, raw_train: list, train_prompts: list[str], rm_man
     prompts, raw = [train_prompts[i] for i in idx], [raw_train[i] for i in idx]
     samples = sample(roles, tok, prompts, cfg, stop)
     r = to_rollout(tok, prompts, samples, acc.device)
-    sc, ln = score(raw, prompts, samples, r), r.response_mask.sum(1)
+    sc, ln = roles.score_samples(raw, samples, r), r.response_mask.sum(1)
     both = acc.gather(torch.stack([sc[:n], sc[n:], ln[:n], ln[n:]], 1)).cpu()  # (n·W, 4) per prompt
     corr_all = rl.pearson(both[:, :2].flatten().tolist(), both[:, 2:].flatten().tolist())
     corr = rl.pearson((both[:, 0] - both[:, 1]).tolist(), (both[:, 2] - both[:, 3]).tolist())
@@ -450,43 +449,33 @@ def run(cfg: PPOConfig, *, reward_fn: RewardFn | None = None) -> Path:
     opt_actor, opt_critic = roles.prepare(acc, opt_actor, opt_critic)
     set_seed(cfg.seed, device_specific=True)  # each process samples different responses
     stop = stop_ids(tok, roles.generation_model())
-    as_rollout = rm_reads_rollout_ids(roles, raw_train[0], stop)
-
-    def score(raw, prompts, samples, r):
-        return rm_scores(roles, raw, prompts, samples, r, as_rollout=as_rollout, reward_fn=reward_fn)
-
+    roles.check_reading(raw_train[0], stop)
     problems = inputs.prompts.problems
-    gate = {}
+    st = LoopState(kl_ctl=rl.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
+                   else rl.FixedKLController(cfg.kl_coef),
+                   dog=Watchdog(negative_kl=cfg.watch_negative_kl, length_drift=cfg.watch_length_drift,
+                                distinct=cfg.watch_distinct, eos_rate=cfg.watch_eos_rate, entropy=cfg.watch_entropy,
+                                hack_gold_drop=cfg.watch_hack_gold_drop))
     if ck is None and reward_fn is None:
-        gate = rm_gate(roles, tok, raw_train, train_prompts, inputs.reward.manifest, acc, cfg, stop, score)
-    kl_ctl = (rl.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
-              else rl.FixedKLController(cfg.kl_coef))
-    dog = Watchdog(negative_kl=cfg.watch_negative_kl, length_drift=cfg.watch_length_drift, distinct=cfg.watch_distinct,
-                   eos_rate=cfg.watch_eos_rate, entropy=cfg.watch_entropy, hack_gold_drop=cfg.watch_hack_gold_drop)
-    norm: dict | None = None  # {"mean", "std"} of the first rollout's scores, then fixed
+        st.gate = rm_gate(roles, tok, raw_train, train_prompts, inputs.reward.manifest, acc, cfg, stop)
     start = 0
     if ck is not None:
         state = checkpoints.load_checkpoint(acc, ck)
-        start, norm, initial, gate = state["step"], state["norm"], state["initial"], state.get("gate", {})
-        kl_ctl.load_state_dict(state["kl_ctl"])
-        dog.load_state_dict(state["watchdog"])
+        st.load_state_dict(state)
+        start = state["step"]
         say(f"resumed from {ck} at iteration {start}")
     else:
-        initial = evaluate(roles, tok, raw_eval, eval_prompts, problems, acc, cfg, stop, score)
-        dog.observe_eval(0, initial["eval_score"], initial.get("eval_gold_accuracy"))
+        st.initial = evaluate(roles, tok, raw_eval, eval_prompts, problems, acc, cfg, stop, reward_fn)
+        st.dog.observe_eval(0, st.initial["eval_score"], st.initial.get("eval_gold_accuracy"))
     log = training.MetricLog(out / "log.jsonl", acc, truncate_after_step=start if ck is not None else None)
     if ck is None:
-        log.log(0, **initial)
-    say(f"iteration {start}: held-out score {initial['eval_score']:.3f}{_gold(initial)} | KL {initial['eval_kl']:.3f}"
-        + (" (initial)" if ck is None else ""))
+        log.log(0, **st.initial)
+    say(f"iteration {start}: held-out score {st.initial['eval_score']:.3f}{_gold(st.initial)} | "
+        f"KL {st.initial['eval_kl']:.3f}" + (" (initial)" if ck is None else ""))
     if acc.is_main_process and cfg.report_to != "none":
         acc.init_trackers("ppo", config={k: v for k, v in to_dict(cfg).items() if isinstance(v, (int, float, str, bool))})
 
-    def checkpoint(step: int) -> Path:
-        state = {"norm": norm, "initial": initial, "kl_ctl": kl_ctl.state_dict(), "watchdog": dog.state_dict(), "gate": gate}
-        return checkpoints.save_checkpoint(acc, out, step, state, cfg.keep_checkpoints)
-
-    total, last_eval, step = cfg.total_steps, initial, start
+    total, last_eval, step = cfg.total_steps, st.initial, start
     t_start = time.perf_counter()
     with training.GracefulStop() as stop_signal:
         while step < total:
@@ -495,19 +484,19 @@ def run(cfg: PPOConfig, *, reward_fn: RewardFn | None = None) -> Path:
             prompts, raw = [train_prompts[i] for i in idx], [raw_train[i] for i in idx]
 
             # -- 1. rollout: samples, log π_old, log π_ref, V_old, raw scores ------------------------
-            r, samples, entropy, t_gen = rollout(roles, tok, raw, prompts, cfg, stop, acc.device, score)
+            r, samples, entropy, t_gen = rollout(roles, tok, raw, prompts, cfg, stop, acc.device, reward_fn)
 
             # -- 2. normalised score (the first rollout fixes the normalisation), missing-EOS penalty ---
             all_scores = acc.gather(r.scores)
-            if norm is None:
+            if st.norm is None:
                 sd = all_scores.std().item() if all_scores.numel() > 1 else 1.0
-                norm = ({"mean": all_scores.mean().item(), "std": sd if sd > 1e-6 else 1.0} if cfg.normalize_reward
-                        else {"mean": 0.0, "std": 1.0})
-            score_n = (r.scores - norm["mean"]) / norm["std"] - cfg.missing_eos_penalty * (~r.ended).float()
+                st.norm = ({"mean": all_scores.mean().item(), "std": sd if sd > 1e-6 else 1.0} if cfg.normalize_reward
+                           else {"mean": 0.0, "std": 1.0})
+            score = (r.scores - st.norm["mean"]) / st.norm["std"] - cfg.missing_eos_penalty * (~r.ended).float()
 
             # -- 3-4. KL-shaped rewards, GAE advantages and returns ------------------------------------
-            beta = kl_ctl.value
-            ev = advantages(r, score_n, beta, cfg)
+            beta = st.kl_ctl.value
+            ev = advantages(r, score, beta, cfg)
             t_roll = time.perf_counter() - t0
 
             # -- 5. PPO epochs over minibatches --------------------------------------------------------
@@ -524,14 +513,14 @@ def run(cfg: PPOConfig, *, reward_fn: RewardFn | None = None) -> Path:
             if not cfg.prompts:  # built-in world: gold accuracy of the sampled training responses
                 gold = sum(world.gold_check(p, s.text, s.ended) for p, s in zip(prompts, samples)) / max(len(samples), 1)
                 m["gold_train"] = acc.reduce(torch.tensor(gold, device=acc.device), reduction="mean").item()
-            kl_ctl.update(m["kl"], G)
-            alarms = dog.observe_step(step, m)
+            st.kl_ctl.update(m["kl"], G)
+            alarms = st.dog.observe_step(step, m)
             if step % cfg.eval_every == 0 or step == total:
-                last_eval = evaluate(roles, tok, raw_eval, eval_prompts, problems, acc, cfg, stop, score)
+                last_eval = evaluate(roles, tok, raw_eval, eval_prompts, problems, acc, cfg, stop, reward_fn)
                 m.update(last_eval)
-                alarms += dog.observe_eval(step, last_eval["eval_score"], last_eval.get("eval_gold_accuracy"))
-            if dog.active:
-                m["alarms"] = sorted(dog.active)
+                alarms += st.dog.observe_eval(step, last_eval["eval_score"], last_eval.get("eval_gold_accuracy"))
+            if st.dog.active:
+                m["alarms"] = sorted(st.dog.active)
             log.log(step, **m)
             if step % cfg.log_every == 0 or step == total or step == start + 1:
                 elapsed = time.perf_counter() - t_start
@@ -541,32 +530,32 @@ def run(cfg: PPOConfig, *, reward_fn: RewardFn | None = None) -> Path:
             for a in alarms:
                 say(f"WATCHDOG [{a['alarm']}] at iteration {a['step']}: {a['message']}")
             if cfg.debug_digest:
-                write_digest(out, rank, step, *roles.digest_models())
+                write_digest(out, rank, step, roles)
             if acc.reduce(torch.tensor(1.0 if stop_signal.requested else 0.0, device=acc.device), reduction="sum").item() > 0:
-                path = checkpoint(step)
+                path = checkpoints.save_checkpoint(acc, out, step, st.state_dict(), cfg.keep_checkpoints)
                 raise Interrupted(f"{stop_signal.requested or 'signal'} at iteration {step}: checkpoint saved to {path}; "
                                   "continue with --resume")
             if alarms and cfg.stop_on_collapse:
-                path = checkpoint(step)
+                path = checkpoints.save_checkpoint(acc, out, step, st.state_dict(), cfg.keep_checkpoints)
                 raise Interrupted(f"watchdog ({', '.join(a['alarm'] for a in alarms)}) at iteration {step}: checkpoint "
                                   f"saved to {path}; inspect OUT/log.jsonl, then --resume or change the recipe")
             if cfg.save_every and step % cfg.save_every == 0 and step < total:
-                checkpoint(step)
+                checkpoints.save_checkpoint(acc, out, step, st.state_dict(), cfg.keep_checkpoints)
 
     # -- 7. final evaluation and the artifact ----------------------------------------------------
     final = last_eval if step == total and start < total else evaluate(roles, tok, raw_eval, eval_prompts, problems,
-                                                                        acc, cfg, stop, score)
-    checkpoint(total)  # `--resume` on a finished run is then a no-op, not an error
-    metrics = final_metrics(initial, final, total, G, kl_ctl.value, norm, dog, gate, time.perf_counter() - t_start)
+                                                                        acc, cfg, stop, reward_fn)
+    checkpoints.save_checkpoint(acc, out, total, st.state_dict(), cfg.keep_checkpoints)  # a later --resume: no-op
+    metrics = final_metrics(st, final, total, G, time.perf_counter() - t_start)
     metrics["wall_seconds"] = time.perf_counter() - t_wall
     acc.wait_for_everyone()
     if acc.is_main_process:
-        write_artifact(cfg, inputs, roles, stop, metrics, dog, out)
+        write_artifact(cfg, inputs, roles, stop, metrics, st.dog, out)
         g = (f" | gold accuracy {100 * metrics['gold_accuracy_initial']:.1f}% -> {100 * metrics['gold_accuracy']:.1f}%"
              if "gold_accuracy" in metrics else "")
         say(f"held-out score {metrics['score_initial']:.3f} -> {metrics['score']:.3f}{g} | KL {metrics['kl']:.3f} nats "
             f"| {metrics['train_seconds']:.0f}s | wrote {out}")
-        if dog.events:
+        if st.dog.events:
             say(f"watchdog raised: {', '.join(sorted(set(metrics['watchdog_alarms'])))} (see OUT/log.jsonl and lifecycle.json)")
     acc.wait_for_everyone()
     acc.end_training()
@@ -576,14 +565,14 @@ def run(cfg: PPOConfig, *, reward_fn: RewardFn | None = None) -> Path:
 # ---------------------------------------------------------------------------
 # 7. The artifact
 # ---------------------------------------------------------------------------
-def final_metrics(initial: dict, final: dict, total: int, G: int, beta: float, norm: dict | None, dog: Watchdog,
-                  gate: dict, train_seconds: float) -> dict:
+def final_metrics(st: LoopState, final: dict, total: int, G: int, train_seconds: float) -> dict:
+    initial, dog = st.initial, st.dog
     metrics = {
         "score_initial": initial["eval_score"], "score": final["eval_score"], "kl": final["eval_kl"],
         "response_length": final["eval_length"], "eos_rate": final["eval_eos_rate"],
         "iterations": total, "episodes": total * G, "train_seconds": train_seconds,
-        "beta_final": beta, "reward_norm": norm, "reward_hacking": dog.hacking,
-        "watchdog_alarms": [e["alarm"] for e in dog.events], **gate,
+        "beta_final": st.kl_ctl.value, "reward_norm": st.norm, "reward_hacking": dog.hacking,
+        "watchdog_alarms": [e["alarm"] for e in dog.events], **(st.gate or {}),
     }
     if "eval_gold_accuracy" in initial:
         metrics["gold_accuracy_initial"] = initial["eval_gold_accuracy"]
@@ -592,13 +581,6 @@ def final_metrics(initial: dict, final: dict, total: int, G: int, beta: float, n
             metrics[f"gold_accuracy_{k}_initial"] = initial.get(f"eval_gold_accuracy_{k}")
             metrics[f"gold_accuracy_{k}"] = final.get(f"eval_gold_accuracy_{k}")
     return metrics
-
-
-def write_digest(out: Path, rank: int, step: int, actor, critic) -> None:
-    d = out / "digests"
-    d.mkdir(parents=True, exist_ok=True)
-    artifacts.atomic_write_json(d / f"rank-{rank}.json",
-                                {"step": step, "actor": weights_digest(actor), "critic": weights_digest(critic)})
 
 
 def write_artifact(cfg: PPOConfig, inputs: PPOInputs, roles: Roles, stop: list[int], metrics: dict, dog: Watchdog,
