@@ -277,22 +277,27 @@ def model_shape(config: dict) -> Shape:
     """The closed-form Shape of a config, or a "generic" Shape counted from the real module on fake tensors."""
     try:
         return shape_from_config(config)
-    except NoClosedForm as no_closed_form:
-        mt = str(config.get("model_type") or "(none)")
-        try:
-            from lifecycle import memory_trace   # torch from here on: only for architectures without a closed form
-        except ImportError as e:
-            raise CannotEstimate(f"cannot estimate memory for model_type {mt} (no closed form, and the generic path "
-                                 f"needs torch and transformers: {e})") from None
-        try:
-            _, dims = memory_trace.params(config, "lm")
-        except memory_trace.CannotTrace as e:
-            raise CannotEstimate(f"cannot estimate memory for model_type {mt} ({e}); "
-                                 f"pass a decoder-only causal LM config.json") from no_closed_form
-        return Shape(arch="generic", hidden=dims["hidden"], layers=dims["layers"], heads=dims["heads"],
-                     kv_heads=dims["kv_heads"], head_dim=dims["head_dim"], intermediate=dims["intermediate"],
-                     vocab=dims["vocab"], tied=dims["tied"], max_positions=dims["max_positions"], model_type=mt,
-                     config_json=json.dumps(config, sort_keys=True))
+    except NoClosedForm:
+        return generic_shape(config)
+
+
+def generic_shape(config: dict) -> Shape:
+    """A Shape whose parameters and activations come from the real transformers module (lifecycle/memory_trace.py)."""
+    mt = str(config.get("model_type") or "(none)")
+    try:
+        from lifecycle import memory_trace   # torch from here on: only for architectures without a closed form
+    except ImportError as e:
+        raise CannotEstimate(f"cannot estimate memory for model_type {mt} (no closed form, and the generic path "
+                             f"needs torch and transformers: {e})") from None
+    try:
+        _, dims = memory_trace.params(config, "lm")
+    except memory_trace.CannotTrace as e:
+        raise CannotEstimate(f"cannot estimate memory for model_type {mt} ({e}); "
+                             f"pass a decoder-only causal LM config.json") from None
+    return Shape(arch="generic", hidden=dims["hidden"], layers=dims["layers"], heads=dims["heads"],
+                 kv_heads=dims["kv_heads"], head_dim=dims["head_dim"], intermediate=dims["intermediate"],
+                 vocab=dims["vocab"], tied=dims["tied"], max_positions=dims["max_positions"], model_type=mt,
+                 config_json=json.dumps(config, sort_keys=True))
 
 
 def _table(sh: Shape, head: str = "lm") -> list[ParamSpec]:
@@ -375,6 +380,8 @@ def estimate(
     validate(stage, method, dtype, precision, optimizer, grad_ckpt, attn, zero, gpus, batch_size, seq_len, lora_r,
               device, mp_style)
     sh = config if isinstance(config, Shape) else model_shape(config)
+    if sh.sliding_window and seq_len > sh.sliding_window and not isinstance(config, Shape):
+        sh = generic_shape(config)   # an explicit local-attention mask changes the kernels: trace the real module
     kw = dict(stage=stage, method=method, lora_r=lora_r, dtype=dtype, precision=precision, optimizer=optimizer,
               seq_len=seq_len, grad_ckpt=grad_ckpt, attn=attn, zero=zero, gpus=gpus, device=device, mp_style=mp_style,
               lora_dropout=lora_dropout, lora_targets=tuple(lora_targets) if lora_targets else None, dropout=dropout,

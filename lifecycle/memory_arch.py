@@ -50,6 +50,7 @@ class Shape:
     embd_dropout: float = 0.0
     model_type: str = "llama"
     qk_norm: bool = False    # qwen3: RMSNorm over each head of q and k before RoPE
+    sliding_window: int = 0  # mistral-style local attention (0: none); longer sequences go to the generic path
     config_json: str = ""    # arch "generic": the config, counted from the real module (lifecycle/memory_trace.py)
 
     @property
@@ -114,7 +115,7 @@ def shape_from_config(cfg: dict) -> Shape:
                      max_positions=int(cfg.get("max_position_embeddings", 4096)),
                      qkv_bias=bias or mt == "qwen2", o_bias=bias, mlp_bias=bool(cfg.get("mlp_bias", False)), act="silu",
                      attn_dropout=float(cfg.get("attention_dropout", 0.0)), model_type=mt or "llama",
-                     qk_norm=mt == "qwen3")
+                     qk_norm=mt == "qwen3", sliding_window=_window(cfg))
     raise NoClosedForm(f"model_type {mt or '(none)'!r} is not supported; supported: {', '.join(LLAMA_TYPES)}, gpt2 "
                      f"(Llama-style configs need hidden_size..., GPT-2 configs n_embd...)")
 
@@ -208,6 +209,16 @@ def nf4_bytes(numel: int) -> tuple[int, int]:
     return -(-numel // 2), consts
 
 
+
+
+def _window(cfg: dict) -> int:
+    """The sliding window a Llama-style config really uses (qwen2/qwen3 only with use_sliding_window)."""
+    w = cfg.get("sliding_window")
+    if not isinstance(w, int) or isinstance(w, bool) or w <= 0 or cfg.get("use_sliding_window") is False:
+        return 0
+    if str(cfg.get("model_type")) in ("qwen2", "qwen3") and not cfg.get("use_sliding_window"):
+        return 0
+    return w
 
 
 # ---------------------------------------------------------------------------
