@@ -196,6 +196,47 @@ def count_params(config: dict | Shape) -> int:
     return sum(p.numel for p in param_table(sh))
 
 
+# Per-layer norm vectors beyond the closed form's two (h each): (extra h-sized, head_dim-sized, q+kv-sized).
+_NORMS = {"gemma": (0, 0, 0), "gemma2": (2, 0, 0), "gemma3_text": (2, 2, 0), "qwen3": (0, 2, 0), "qwen3_moe": (0, 2, 0),
+          "olmo2": (0, 0, 1), "llama": (0, 0, 0), "mistral": (0, 0, 0), "qwen2": (0, 0, 0), "mixtral": (0, 0, 0),
+          "phi3": (0, 0, 0)}
+
+
+def params_formula(cfg: dict) -> int:
+    """Parameters of a published decoder's config from its numbers alone (tied embeddings once).
+
+    Covers the families of lifecycle/presets.PUBLISHED: Llama-style blocks with GQA
+    (q, k, v, o), a gated MLP (gate, up, down; Phi-3 fuses them, same count) or
+    routed experts (E x 3 matrices + an E x h router; Qwen3-MoE's dense layers
+    per decoder_sparse_step / mlp_only_layers), two norms per layer plus Gemma 2/3's
+    sandwich norms and the per-head QK-norm of Qwen3 and Gemma 3 (OLMo 2's over
+    the whole q and k). Anything else raises NoClosedForm.
+    """
+    mt = str(cfg.get("model_type", ""))
+    if mt == "gpt2":
+        return count_params(shape_from_config(cfg))
+    if mt not in _NORMS:
+        raise NoClosedForm(f"no parameter formula for model_type {mt!r}")
+    h, layers, a, V = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["vocab_size"]
+    kv = cfg.get("num_key_value_heads") or a
+    d = cfg.get("head_dim") or h // a
+    attn = 2 * h * a * d + 2 * h * kv * d
+    if cfg.get("attention_bias") or mt == "qwen2":
+        attn += a * d + 2 * kv * d + (h if cfg.get("attention_bias") else 0)
+    dense = 3 * h * cfg["intermediate_size"]
+    experts = cfg.get("num_local_experts") or cfg.get("num_experts") or 0
+    extra_h, extra_d, extra_qk = _NORMS[mt]
+    norms = (2 + extra_h) * h + extra_d * d + extra_qk * (a + kv) * d
+    total = 0
+    for i in range(layers):
+        sparse = experts > 1 and (mt != "qwen3_moe" or (i not in (cfg.get("mlp_only_layers") or [])
+                                                         and (i + 1) % (cfg.get("decoder_sparse_step") or 1) == 0))
+        mi = cfg.get("moe_intermediate_size") or cfg["intermediate_size"]
+        total += attn + norms + (experts * 3 * h * mi + experts * h if sparse else dense)
+    tied = cfg.get("tie_word_embeddings", mt in ("gemma", "gemma2", "gemma3_text"))
+    return total + V * h * (1 if tied else 2) + h
+
+
 def nf4_bytes(numel: int) -> tuple[int, int]:
     """(packed weight bytes, quantization-constant bytes) of one NF4 tensor with double quantization.
 
