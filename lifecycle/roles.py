@@ -24,12 +24,12 @@ import torch
 from peft import get_peft_model
 from safetensors.torch import load_file
 
-from lifecycle.artifacts import Artifact, artifact_digest, atomic_write_json
+from lifecycle.artifacts import REWARD_MODEL, Artifact, artifact_digest, atomic_write_json, check_artifact
 from lifecycle.config import PPOConfig
 from lifecycle.errors import UsageError
 from lifecycle.modeling import (REWARD_HEAD, count_params, describe_trainable, load_causal_lm, load_for_training,
                                 lora_config, merge_adapter)
-from lifecycle.generate import render_prompts
+from lifecycle.generate import Sample, generate_batch, render_prompts
 from lifecycle.reward_model import encode, load_reward_model, pad_batch, score_tokens
 from lifecycle.rl import Rollout
 from lifecycle.tokenizer import load_tokenizer
@@ -99,6 +99,30 @@ class Roles:
 
     def describe(self) -> str:
         return f"actor: {describe_trainable(self.actor)} | critic from {self.critic_source}: {describe_trainable(self.critic)}"
+
+    # -- sampling --------------------------------------------------------------------
+    def sample(self, prompts: list[str], cfg: PPOConfig, stop: list[int], greedy: bool = False) -> list[Sample]:
+        """One response per rendered prompt from the actor: softmax(logits / T), cut at the first stop id."""
+        return generate_batch(self.generation_model(), self.tok, prompts, max_new_tokens=cfg.max_new_tokens,
+                              temperature=0.0 if greedy else cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                              batch_size=max(len(prompts), 1), stop=stop)
+
+    def to_rollout(self, prompts: list[str], samples: list[Sample], device) -> Rollout:
+        """Prompt (left-padded) and response (right-padded) tensors of a list of samples; the rest zeros."""
+        tok = self.tok
+        old = tok.padding_side
+        tok.padding_side = "left"
+        enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        tok.padding_side = old
+        T = max(len(s.token_ids) for s in samples)
+        resp = torch.full((len(samples), T), tok.pad_token_id, dtype=torch.long)  # (B, T)
+        rmask = torch.zeros((len(samples), T))  # (B, T)
+        for i, s in enumerate(samples):
+            resp[i, : len(s.token_ids)] = torch.tensor(s.token_ids, dtype=torch.long)
+            rmask[i, : len(s.token_ids)] = 1
+        ended = torch.tensor([s.ended for s in samples])  # (B,)
+        return Rollout.sampled(enc["input_ids"].to(device), enc["attention_mask"].to(device), resp.to(device),
+                               rmask.to(device), ended.to(device))
 
     # -- forward passes ------------------------------------------------------------
     def generation_model(self):
@@ -294,6 +318,18 @@ class SharedRoles(Roles):
 # ---------------------------------------------------------------------------
 # Loading
 # ---------------------------------------------------------------------------
+def check_reward_artifact(path: str, flag: str) -> Artifact:
+    """A reward-model artifact with exactly one label (checked from its config.json; no weights read)."""
+    art = check_artifact(path, REWARD_MODEL, flag)
+    if not art.hub:
+        conf = json.loads((Path(art.path) / "config.json").read_text(encoding="utf-8"))
+        n = len(conf["id2label"]) if conf.get("id2label") else conf.get("num_labels", 2)  # transformers' default: 2
+        if n != 1:
+            raise UsageError(f"{flag} {path} is a sequence classifier with {n} labels, but a reward model has exactly "
+                             f"one (num_labels=1, one score per sequence); train one with `llm reward --base DIR --out DIR`")
+    return art
+
+
 def frozen(model):
     model.eval()
     for p in model.parameters():

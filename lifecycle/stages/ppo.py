@@ -28,7 +28,6 @@ requests) are reduced across processes so that all of them take the same path.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import tempfile
 import time
@@ -46,9 +45,9 @@ from lifecycle.config import PPOConfig, to_dict
 from lifecycle.data import world
 from lifecycle.data.prompts import Prompts, as_user_turns, load_prompts
 from lifecycle.errors import Interrupted, UsageError
-from lifecycle.generate import Sample, generate_batch, render_prompts, stop_ids
+from lifecycle.generate import Sample, render_prompts, stop_ids
 from lifecycle.rl import Rollout
-from lifecycle.roles import Roles, SharedRoles, load_roles, write_digest
+from lifecycle.roles import Roles, SharedRoles, check_reward_artifact, load_roles, write_digest
 from lifecycle.tokenizer import load_tokenizer
 from lifecycle.watchdog import Watchdog
 
@@ -69,17 +68,6 @@ class PPOInputs:
     prompts: Prompts  # training and held-out prompts
 
 
-def _check_reward_like(path: str, flag: str) -> Artifact:
-    art = check_artifact(path, REWARD_MODEL, flag)
-    if not art.hub:
-        conf = json.loads((Path(art.path) / "config.json").read_text(encoding="utf-8"))
-        n = len(conf["id2label"]) if conf.get("id2label") else conf.get("num_labels", 2)  # transformers' default: 2
-        if n != 1:
-            raise UsageError(f"{flag} {path} is a sequence classifier with {n} labels, but a reward model has exactly "
-                             f"one (num_labels=1, one score per sequence); train one with `llm reward --base DIR --out DIR`")
-    return art
-
-
 def check_inputs(cfg: PPOConfig) -> PPOInputs:
     """Policy, reward model, critic source and prompts, all checked before any weights load."""
     try:
@@ -89,8 +77,8 @@ def check_inputs(cfg: PPOConfig) -> PPOInputs:
         check_artifact(cfg.reward, CAUSAL_LM, "--reward")
         raise UsageError(f"--policy {cfg.policy} is a reward model and --reward {cfg.reward} is a causal LM: the two "
                          f"look swapped; pass --policy {cfg.reward} --reward {cfg.policy}") from None
-    reward = _check_reward_like(cfg.reward, "--reward")
-    critic = None if cfg.critic in ("reward", "policy") else _check_reward_like(cfg.critic, "critic")
+    reward = check_reward_artifact(cfg.reward, "--reward")
+    critic = None if cfg.critic in ("reward", "policy") else check_reward_artifact(cfg.critic, "critic")
     prompts = load_prompts(cfg.prompts, column=cfg.prompt_column, eval_prompts=cfg.eval_prompts,
                            world_prompts=cfg.world_prompts, seed=cfg.seed)
     return PPOInputs(policy, reward, critic, prompts)
@@ -155,30 +143,6 @@ def explain(cfg: PPOConfig) -> str:
 # ---------------------------------------------------------------------------
 # 1-2. Rollouts and their scores
 # ---------------------------------------------------------------------------
-def sample(roles: Roles, tok, prompts: list[str], cfg: PPOConfig, stop: list[int], greedy: bool = False) -> list[Sample]:
-    """One response per rendered prompt from the actor: softmax(logits / T), cut at the first stop id."""
-    return generate_batch(roles.generation_model(), tok, prompts, max_new_tokens=cfg.max_new_tokens,
-                          temperature=0.0 if greedy else cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                          batch_size=max(len(prompts), 1), stop=stop)
-
-
-def to_rollout(tok, prompts: list[str], samples: list[Sample], device) -> Rollout:
-    """Prompt (left-padded) and response (right-padded) tensors of a list of samples; the rest zeros."""
-    old = tok.padding_side
-    tok.padding_side = "left"
-    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-    tok.padding_side = old
-    T = max(len(s.token_ids) for s in samples)
-    resp = torch.full((len(samples), T), tok.pad_token_id, dtype=torch.long)  # (B, T)
-    rmask = torch.zeros((len(samples), T))  # (B, T)
-    for i, s in enumerate(samples):
-        resp[i, : len(s.token_ids)] = torch.tensor(s.token_ids, dtype=torch.long)
-        rmask[i, : len(s.token_ids)] = 1
-    ended = torch.tensor([s.ended for s in samples])  # (B,)
-    return Rollout.sampled(enc["input_ids"].to(device), enc["attention_mask"].to(device), resp.to(device),
-                           rmask.to(device), ended.to(device))
-
-
 def scores(roles: Roles, raw: list, prompts: list[str], samples: list[Sample], r: Rollout,
            reward_fn: RewardFn | None) -> torch.Tensor:
     """(B,) raw scores: the reward model's (`Roles.score_samples`), or `reward_fn`'s when one is given."""
@@ -188,14 +152,14 @@ def scores(roles: Roles, raw: list, prompts: list[str], samples: list[Sample], r
 
 
 @torch.no_grad()
-def rollout(roles: Roles, tok, raw: list, prompts: list[str], cfg: PPOConfig, stop: list[int], device,
+def rollout(roles: Roles, raw: list, prompts: list[str], cfg: PPOConfig, stop: list[int], device,
             reward_fn: RewardFn | None) -> tuple[Rollout, list[Sample], torch.Tensor, float]:
     """Sample, then fill in log π_old, log π_ref, V_old and the raw scores. Returns (rollout, samples,
     mean entropy, seconds spent sampling)."""
     t0 = time.perf_counter()
-    samples = sample(roles, tok, prompts, cfg, stop)  # batched, KV cache; cut at the first stop id
+    samples = roles.sample(prompts, cfg, stop)  # batched, KV cache; cut at the first stop id
     t_gen = time.perf_counter() - t0
-    r = to_rollout(tok, prompts, samples, device)
+    r = roles.to_rollout(prompts, samples, device)
     logits = roles.logits(r)  # (B, T, V)
     r.logprobs = rl.logprobs_from_logits(logits, r.response_ids, cfg.temperature)
     entropy = rl.masked_mean(rl.entropy_from_logits(logits, cfg.temperature), r.response_mask)
@@ -307,7 +271,7 @@ def minibatch_step(roles: Roles, mb: Rollout, acc, cfg: PPOConfig, micro: int) -
 # 6. Evaluation, the reward-model gate, metrics
 # ---------------------------------------------------------------------------
 @torch.no_grad()
-def evaluate(roles: Roles, tok, raw_eval: list, eval_prompts: list[str], problems: list | None, acc, cfg: PPOConfig,
+def evaluate(roles: Roles, raw_eval: list, eval_prompts: list[str], problems: list | None, acc, cfg: PPOConfig,
              stop: list[int], reward_fn: RewardFn | None) -> dict:
     """Held-out: greedy responses scored by the reward model (and the gold checker), and KL on sampled responses.
 
@@ -320,8 +284,8 @@ def evaluate(roles: Roles, tok, raw_eval: list, eval_prompts: list[str], problem
     prompts, raw = [eval_prompts[i] for i in idx], [raw_eval[i] for i in idx]
     sums = torch.zeros(8, device=acc.device)  # score, gold, n, kl, length, ended, gold on carry problems, carry problems
     if prompts:
-        greedy = sample(roles, tok, prompts, cfg, stop, greedy=True)
-        r = to_rollout(tok, prompts, greedy, acc.device)
+        greedy = roles.sample(prompts, cfg, stop, greedy=True)
+        r = roles.to_rollout(prompts, greedy, acc.device)
         sums[0] = scores(roles, raw, prompts, greedy, r, reward_fn).sum()
         if problems is not None:
             right = [world.gold_check(problems[i].question, s.text, s.ended) for i, s in zip(idx, greedy)]
@@ -330,7 +294,7 @@ def evaluate(roles: Roles, tok, raw_eval: list, eval_prompts: list[str], problem
         sums[2] = len(prompts)
         sums[4] = r.response_mask.sum()
         sums[5] = r.ended.float().sum()
-        r = to_rollout(tok, prompts, sample(roles, tok, prompts, cfg, stop), acc.device)
+        r = roles.to_rollout(prompts, roles.sample(prompts, cfg, stop), acc.device)
         lp = torch.log_softmax(roles.logits(r).float() / cfg.temperature, -1)
         lq = torch.log_softmax(roles.ref_logits(r).float() / cfg.temperature, -1)
         kl_tok = (lp.exp() * (lp - lq)).sum(-1)  # (B, T) exact KL(π(·|s_t) || π_ref(·|s_t))
@@ -347,7 +311,7 @@ def evaluate(roles: Roles, tok, raw_eval: list, eval_prompts: list[str], problem
 
 
 @torch.no_grad()
-def rm_gate(roles: Roles, tok, raw_train: list, train_prompts: list[str], rm_manifest: dict | None, acc,
+def rm_gate(roles: Roles, raw_train: list, train_prompts: list[str], rm_manifest: dict | None, acc,
             cfg: PPOConfig, stop: list[int]) -> dict:
     """The reward-model quality gate: its held-out pairwise accuracy (from its manifest) and whether its score
     follows response length. Two sampled responses per prompt; the length bias is measured within each prompt's
@@ -358,8 +322,8 @@ def rm_gate(roles: Roles, tok, raw_train: list, train_prompts: list[str], rm_man
     idx = training.batch_indices(0, n * W, len(train_prompts), cfg.seed + 1, rng="python")[rank * n : (rank + 1) * n]
     idx = idx + idx
     prompts, raw = [train_prompts[i] for i in idx], [raw_train[i] for i in idx]
-    samples = sample(roles, tok, prompts, cfg, stop)
-    r = to_rollout(tok, prompts, samples, acc.device)
+    samples = roles.sample(prompts, cfg, stop)
+    r = roles.to_rollout(prompts, samples, acc.device)
     sc, ln = roles.score_samples(raw, samples, r), r.response_mask.sum(1)
     both = acc.gather(torch.stack([sc[:n], sc[n:], ln[:n], ln[n:]], 1)).cpu()  # (n·W, 4) per prompt
     corr_all = rl.pearson(both[:, :2].flatten().tolist(), both[:, 2:].flatten().tolist())
@@ -438,7 +402,6 @@ def run(cfg: PPOConfig, *, reward_fn: RewardFn | None = None) -> Path:
             f"--explain shows the rows")
     set_seed(cfg.seed)  # identical initialisation on every process
     roles = load_roles(cfg, inputs.policy, inputs.reward, inputs.critic, say)
-    tok = roles.tok
     for m in roles.trained:
         m.eval()  # no dropout anywhere: the ratio π/π_old must be exactly 1 before the first update
     say(roles.describe())
@@ -448,7 +411,7 @@ def run(cfg: PPOConfig, *, reward_fn: RewardFn | None = None) -> Path:
     opt_critic = torch.optim.AdamW(roles.critic_params(), lr=cfg.critic_lr, weight_decay=cfg.weight_decay)
     opt_actor, opt_critic = roles.prepare(acc, opt_actor, opt_critic)
     set_seed(cfg.seed, device_specific=True)  # each process samples different responses
-    stop = stop_ids(tok, roles.generation_model())
+    stop = stop_ids(roles.tok, roles.generation_model())
     roles.check_reading(raw_train[0], stop)
     problems = inputs.prompts.problems
     st = LoopState(kl_ctl=rl.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
@@ -457,7 +420,7 @@ def run(cfg: PPOConfig, *, reward_fn: RewardFn | None = None) -> Path:
                                 distinct=cfg.watch_distinct, eos_rate=cfg.watch_eos_rate, entropy=cfg.watch_entropy,
                                 hack_gold_drop=cfg.watch_hack_gold_drop))
     if ck is None and reward_fn is None:
-        st.gate = rm_gate(roles, tok, raw_train, train_prompts, inputs.reward.manifest, acc, cfg, stop)
+        st.gate = rm_gate(roles, raw_train, train_prompts, inputs.reward.manifest, acc, cfg, stop)
     start = 0
     if ck is not None:
         state = checkpoints.load_checkpoint(acc, ck)
@@ -465,7 +428,7 @@ def run(cfg: PPOConfig, *, reward_fn: RewardFn | None = None) -> Path:
         start = state["step"]
         say(f"resumed from {ck} at iteration {start}")
     else:
-        st.initial = evaluate(roles, tok, raw_eval, eval_prompts, problems, acc, cfg, stop, reward_fn)
+        st.initial = evaluate(roles, raw_eval, eval_prompts, problems, acc, cfg, stop, reward_fn)
         st.dog.observe_eval(0, st.initial["eval_score"], st.initial.get("eval_gold_accuracy"))
     log = training.MetricLog(out / "log.jsonl", acc, truncate_after_step=start if ck is not None else None)
     if ck is None:
@@ -484,7 +447,7 @@ def run(cfg: PPOConfig, *, reward_fn: RewardFn | None = None) -> Path:
             prompts, raw = [train_prompts[i] for i in idx], [raw_train[i] for i in idx]
 
             # -- 1. rollout: samples, log π_old, log π_ref, V_old, raw scores ------------------------
-            r, samples, entropy, t_gen = rollout(roles, tok, raw, prompts, cfg, stop, acc.device, reward_fn)
+            r, samples, entropy, t_gen = rollout(roles, raw, prompts, cfg, stop, acc.device, reward_fn)
 
             # -- 2. normalised score (the first rollout fixes the normalisation), missing-EOS penalty ---
             all_scores = acc.gather(r.scores)
@@ -516,7 +479,7 @@ def run(cfg: PPOConfig, *, reward_fn: RewardFn | None = None) -> Path:
             st.kl_ctl.update(m["kl"], G)
             alarms = st.dog.observe_step(step, m)
             if step % cfg.eval_every == 0 or step == total:
-                last_eval = evaluate(roles, tok, raw_eval, eval_prompts, problems, acc, cfg, stop, reward_fn)
+                last_eval = evaluate(roles, raw_eval, eval_prompts, problems, acc, cfg, stop, reward_fn)
                 m.update(last_eval)
                 alarms += st.dog.observe_eval(step, last_eval["eval_score"], last_eval.get("eval_gold_accuracy"))
             if st.dog.active:
@@ -543,7 +506,7 @@ def run(cfg: PPOConfig, *, reward_fn: RewardFn | None = None) -> Path:
                 checkpoints.save_checkpoint(acc, out, step, st.state_dict(), cfg.keep_checkpoints)
 
     # -- 7. final evaluation and the artifact ----------------------------------------------------
-    final = last_eval if step == total and start < total else evaluate(roles, tok, raw_eval, eval_prompts, problems,
+    final = last_eval if step == total and start < total else evaluate(roles, raw_eval, eval_prompts, problems,
                                                                         acc, cfg, stop, reward_fn)
     checkpoints.save_checkpoint(acc, out, total, st.state_dict(), cfg.keep_checkpoints)  # a later --resume: no-op
     metrics = final_metrics(st, final, total, G, time.perf_counter() - t_start)
