@@ -26,6 +26,7 @@ from transformers import GenerationConfig
 
 from lifecycle.artifacts import CAUSAL_LM, check_artifact
 from lifecycle.data import world
+from lifecycle.data.chat import end_of_turn_ids
 from lifecycle.errors import UsageError
 from lifecycle.modeling import load_causal_lm
 from lifecycle.tokenizer import load_tokenizer
@@ -51,33 +52,6 @@ def render_prompts(tokenizer, prompts: list) -> list[str]:
     return out
 
 
-_PROBE = "Zq-end-of-turn-probe"
-
-
-def end_of_turn_id(tokenizer) -> int | None:
-    """The special token that closes an assistant turn in the chat template (`<|im_end|>` in ChatML), or None.
-
-    Found by rendering a probe answer and reading the token that follows it; only
-    a single special token counts (a template that ends the turn with plain text
-    has no stop token of its own).
-    """
-    if not getattr(tokenizer, "chat_template", None):
-        return None
-    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _PROBE}]
-    try:
-        text = tokenizer.apply_chat_template(msgs, tokenize=False)
-    except Exception:  # noqa: BLE001 - a template may refuse this conversation (e.g. it requires a system turn)
-        return None
-    at = text.rfind(_PROBE)
-    if at < 0:
-        return None
-    tail = tokenizer(text[at + len(_PROBE):], add_special_tokens=False)["input_ids"]
-    if not tail:
-        return None
-    added = getattr(tokenizer, "added_tokens_decoder", {}).get(tail[0])
-    return tail[0] if tail[0] in tokenizer.all_special_ids or (added is not None and added.special) else None
-
-
 def _hf_model(model):
     """The transformers model under a peft wrapper (the one whose generation_config generate reads)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -85,12 +59,12 @@ def _hf_model(model):
 
 def stop_ids(tokenizer, model=None) -> list[int]:
     """Every id that ends a response: the model's generation_config EOS id(s), the tokenizer's EOS, and the
-    chat template's end-of-turn token. In that order, without repeats."""
+    chat template's end-of-turn token (`data.chat.end_of_turn_ids`). In that order, without repeats."""
     ids: list = []
     if model is not None:
         eos = getattr(_hf_model(model).generation_config, "eos_token_id", None)
         ids += eos if isinstance(eos, (list, tuple)) else [eos]
-    ids += [tokenizer.eos_token_id, end_of_turn_id(tokenizer)]
+    ids += [tokenizer.eos_token_id] + (end_of_turn_ids(tokenizer) if getattr(tokenizer, "chat_template", None) else [])
     return list(dict.fromkeys(int(i) for i in ids if i is not None))
 
 

@@ -13,7 +13,8 @@ from transformers import AutoModelForCausalLM
 
 from families import EOT, IM_END
 from lifecycle import rl
-from lifecycle.generate import end_of_turn_id, generate_batch, render_prompts, stop_ids
+from lifecycle.data.chat import end_of_turn_ids
+from lifecycle.generate import generate_batch, render_prompts, stop_ids
 from lifecycle.tokenizer import load_tokenizer
 
 T = 0.8  # our temperature: not the hub's 0.7
@@ -64,11 +65,11 @@ def test_stock_generate_would_apply_the_hub_settings(family_dir):
 def test_stop_ids_of_a_hub_model(family_dir, chatml_tokenizer, tiny_tokenizer):
     model, tok = _load(family_dir("llama"))
     im_end, eot = tok.convert_tokens_to_ids(IM_END), tok.convert_tokens_to_ids(EOT)
-    assert end_of_turn_id(chatml_tokenizer) == im_end
+    assert end_of_turn_ids(chatml_tokenizer)[0] == im_end
     assert stop_ids(tok, model) == [im_end, eot]
     assert stop_ids(tok) == [eot, im_end]  # without a model: EOS, then the template's end-of-turn token
     # The built-in template ends a turn with EOS itself: one stop id.
-    assert end_of_turn_id(tiny_tokenizer) == tiny_tokenizer.eos_token_id
+    assert end_of_turn_ids(tiny_tokenizer) == [tiny_tokenizer.eos_token_id]
     assert stop_ids(tiny_tokenizer) == [tiny_tokenizer.eos_token_id]
 
 
