@@ -222,18 +222,8 @@ def param_groups(model, weight_decay: float) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------
-# Checkpoints: their home is lifecycle/checkpoints.py; these names stay importable from here
+# Guards
 # ---------------------------------------------------------------------------
-from lifecycle.checkpoints import (  # noqa: E402,F401
-    checkpoint_root,
-    latest_checkpoint,
-    list_checkpoints,
-    load_checkpoint,
-    require_checkpoint,
-    save_checkpoint,
-)
-
-
 def check_disk(out: str | Path, n_params: int, keep: int, bytes_per_param: int = 12) -> None:
     """Refuse to start when the disk cannot hold `keep` + 1 checkpoints plus the artifact.
 
@@ -256,6 +246,7 @@ def check_finite(step: int, loss: float, grad_norm: float, out: str | Path) -> N
     """Stop on a non-finite loss or gradient norm, naming the step and the last good checkpoint."""
     if math.isfinite(loss) and math.isfinite(grad_norm):
         return
+    from lifecycle.checkpoints import latest_checkpoint
     from lifecycle.errors import TrainingDiverged
 
     last = latest_checkpoint(out)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lifecycle import training
+from lifecycle import checkpoints, training
 from lifecycle.config import PretrainConfig, build_config
 from lifecycle.errors import Interrupted
 from lifecycle.stages.pretrain import pack
@@ -235,7 +235,7 @@ def test_exact_resume_after_ctrl_c(tmp_path, monkeypatch):
     with pytest.raises(Interrupted, match=f"at step {N}"):
         pretrain.run(_cfg(part, steps=2 * N))
     monkeypatch.setattr(training, "lr_at", real_lr_at)
-    assert training.latest_checkpoint(part).name == f"step-{N:06d}"
+    assert checkpoints.latest_checkpoint(part).name == f"step-{N:06d}"
     assert not (part / "lifecycle.json").exists()  # no artifact from an interrupted run
 
     pretrain.run(_cfg(part, steps=2 * N, resume=True))
@@ -255,7 +255,7 @@ def test_keeps_last_k_checkpoints(tmp_path):
 
     out = tmp_path / "ck"
     pretrain.run(_cfg(out, steps=8, save_every=2, keep_checkpoints=2))
-    names = [p.name for p in training.list_checkpoints(out)]
+    names = [p.name for p in checkpoints.list_checkpoints(out)]
     assert names == ["step-000006", "step-000008"]
 
 

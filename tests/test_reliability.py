@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from lifecycle import training
+from lifecycle import checkpoints, training
 from lifecycle.config import PretrainConfig, build_config
 
 TINY = dict(model="llama-micro", seq_len=32, batch_size=8, steps=14, warmup_steps=2, lr=3e-3, min_lr=3e-4,
@@ -49,12 +49,12 @@ def test_sigkill_at_several_points_then_resume_equals_uninterrupted(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     kills = 0
     for delay in (0.0, 0.15, 0.4):
-        before = training.latest_checkpoint(out)
+        before = checkpoints.latest_checkpoint(out)
         p = subprocess.Popen(args + (["--resume"] if before else []), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         # Wait until this run has written a checkpoint of its own, then kill it a moment later.
         deadline = time.time() + 120
         while time.time() < deadline and p.poll() is None:
-            now = training.latest_checkpoint(out)
+            now = checkpoints.latest_checkpoint(out)
             if now is not None and now != before:
                 break
             time.sleep(0.02)
@@ -63,7 +63,7 @@ def test_sigkill_at_several_points_then_resume_equals_uninterrupted(tmp_path):
             p.send_signal(signal.SIGKILL)
             kills += 1
         p.wait()
-        ck = training.latest_checkpoint(out)
+        ck = checkpoints.latest_checkpoint(out)
         assert ck is not None
         state = json.loads((ck / "state.json").read_text())
         assert state["step"] == int(ck.name.split("-")[1])
@@ -83,8 +83,8 @@ def test_half_written_checkpoints_are_ignored(tmp_path):
 
     out = tmp_path / "run"
     pretrain.run(cfg(out, steps=4, save_every=2))
-    root = training.checkpoint_root(out)
-    good = training.latest_checkpoint(out)
+    root = checkpoints.checkpoint_root(out)
+    good = checkpoints.latest_checkpoint(out)
     # A kill during a write leaves a temporary directory, or (never via our writer, but say by a copy) a
     # step directory without state.json, or a state.json cut short: all are skipped.
     (root / ".tmp-step-000009").mkdir()
@@ -92,7 +92,7 @@ def test_half_written_checkpoints_are_ignored(tmp_path):
     (root / "step-000010").mkdir()
     (root / "step-000011").mkdir()
     (root / "step-000011" / "state.json").write_text('{"step": 1')
-    assert training.latest_checkpoint(out) == good
+    assert checkpoints.latest_checkpoint(out) == good
 
 
 def test_divergence_stops_naming_the_step_and_keeps_good_checkpoints(tmp_path, monkeypatch):
@@ -107,8 +107,8 @@ def test_divergence_stops_naming_the_step_and_keeps_good_checkpoints(tmp_path, m
         pretrain.run(cfg(out, save_every=2))
     assert "step-000002" in str(e.value) and "lower lr" in str(e.value)
     assert not (out / "lifecycle.json").exists()
-    assert [c.name for c in training.list_checkpoints(out)] == ["step-000002"]
-    assert all(t.isfinite().all() for t in weights(training.latest_checkpoint(out)).values())
+    assert [c.name for c in checkpoints.list_checkpoints(out)] == ["step-000002"]
+    assert all(t.isfinite().all() for t in weights(checkpoints.latest_checkpoint(out)).values())
 
 
 def test_resume_of_a_finished_run_remeasures(tmp_path):
