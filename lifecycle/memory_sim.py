@@ -15,9 +15,6 @@ and tensors saved by two ops count once). The rules were read off
 measurement (tests/test_memory.py) and against the generic path, which runs
 the real module on fake tensors (tests/test_memory_families.py).
 docs/memory.md writes the result out as formulas.
-
-The subject is one forward pass with its own small tensor algebra, so it stays
-in one module (~480 lines) rather than being split across several.
 """
 
 from __future__ import annotations
