@@ -451,6 +451,92 @@ class PPOConfig(PeftCommon, ChatFormat, TrainCommon):
 
 
 # ---------------------------------------------------------------------------
+# `llm data` (the steps are lifecycle/data/prep/; see docs/data-prep.md)
+# ---------------------------------------------------------------------------
+@dataclass
+class DataConfig(_Checked):
+    """`llm data`: prepare a pretraining corpus: read, deduplicate, filter, scrub PII, decontaminate, mix, write shards."""
+
+    # --- inputs and output ---
+    source: list = opt([], "An input as NAME=PATH[:WEIGHT] (repeatable): a file (.txt/.jsonl/.jsonl.gz/.jsonl.zst/.json/.csv/.parquet), a directory of them or a datasets hub id; WEIGHT is the source's share of the mixture (default 1).")
+    eval_set: list = opt([], "Evaluation data to decontaminate against (repeatable): a file of any readable type; every string field of a row is part of its item.")
+    out: str = opt("", "Output directory: shards/, data.json (the manifest) and report.md (required).")
+    text_column: str = opt("text", "Column holding the text in jsonl/json/csv/parquet/hub sources.")
+    output_format: str = opt("parquet", "parquet | jsonl: the type of the output shards.")
+    shard_size: int = opt(10000, "Documents per shard: the unit of parallel work, of the cache and of the output files.")
+    num_proc: int = opt(1, "Worker processes for the per-shard steps (normalising, signatures, filters, scrubbing, decontamination, counting).")
+    cache_dir: str = opt("", "Where finished steps are kept, keyed by input digests and step settings, so a rerun skips them; empty: OUT/.cache; none: no cache.")
+    seed: int = opt(0, "Seed of the mixture's draws.")
+    # --- 1. read ---
+    unicode_form: str = opt("NFC", "NFC | NFKC | none: Unicode normalisation applied on reading (whitespace is always normalised: spaces collapsed, one blank line between paragraphs).")
+    # --- 2. deduplicate ---
+    exact_dedup: bool = opt(True, "Drop documents whose normalised text is identical to an earlier one (hash of the text; the first one is kept).")
+    near_dedup: bool = opt(True, "Drop near duplicates found by MinHash LSH (datasketch) over word n-gram shingles; the first of each group is kept.")
+    minhash_threshold: float = opt(0.7, "Near dedup: estimated Jaccard similarity of the shingle sets at which LSH reports a pair (the band layout is datasketch's optimum for it).")
+    minhash_ngram: int = opt(5, "Near dedup: words per shingle (lower-cased, punctuation removed).")
+    minhash_perm: int = opt(128, "Near dedup: permutations of the MinHash signature (more: a sharper threshold, slower).")
+    # --- 3. quality (Gopher rules, Rae et al. 2021, appendix A) ---
+    quality: bool = opt(True, "Apply the Gopher quality and repetition rules (off for the built-in world, whose documents are ~25 words of templated sentences).")
+    min_words: int = opt(50, "Quality: fewest words in a document.")
+    max_words: int = opt(100000, "Quality: most words in a document.")
+    min_mean_word_length: float = opt(3.0, "Quality: shortest mean word length (characters).")
+    max_mean_word_length: float = opt(10.0, "Quality: longest mean word length (characters).")
+    max_symbol_word_ratio: float = opt(0.1, "Quality: highest ratio of '#' and ellipsis symbols to words.")
+    max_bullet_lines: float = opt(0.9, "Quality: highest share of lines that start with a bullet.")
+    max_ellipsis_lines: float = opt(0.3, "Quality: highest share of lines that end with an ellipsis.")
+    min_alpha_words: float = opt(0.8, "Quality: lowest share of words with at least one alphabetic character.")
+    min_stop_words: int = opt(2, "Quality: fewest occurrences of the English stop words the, be, to, of, and, that, have, with (0 disables, for other languages).")
+    max_dup_line_fraction: float = opt(0.3, "Quality: highest share of lines that repeat an earlier line (and of paragraphs that repeat one).")
+    max_dup_line_chars: float = opt(0.2, "Quality: highest share of characters in repeated lines (and in repeated paragraphs).")
+    top_ngram_chars: str = opt("2:0.20,3:0.18,4:0.16", "Quality: n:fraction pairs; drop when the most frequent word n-gram covers more than the fraction of characters.")
+    dup_ngram_chars: str = opt("5:0.15,6:0.14,7:0.13,8:0.12,9:0.11,10:0.10", "Quality: n:fraction pairs; drop when repeated word n-grams cover more than the fraction of characters.")
+    # --- 4. PII ---
+    pii: bool = opt(True, "Replace e-mail addresses, phone numbers, IPv4/IPv6 addresses and Luhn-valid card numbers with <EMAIL>, <PHONE>, <IP_ADDRESS>, <CREDIT_CARD>.")
+    # --- 5. decontaminate ---
+    decontaminate: bool = opt(True, "Drop documents that share a word n-gram with an evaluation item (the --eval-set files, and the built-in world's held-out problems with world_heldout).")
+    decontam_ngram: int = opt(13, "Decontamination: n-gram length in words after normalisation (lower case, no punctuation, line breaks as spaces); an item shorter than n matches as a whole.")
+    decontam_min_words: int = opt(5, "Decontamination: items shorter than this many words are skipped (they would match ordinary text).")
+    world_heldout: bool = opt(True, "Decontaminate against the built-in world's 500 held-out problems in every phrasing the world uses.")
+    # --- 6. mixture ---
+    target_tokens: int = opt(0, "Tokens of the mixed corpus, split by the sources' weights (a source short of its share is repeated, each pass a new shuffle); 0: the largest mixture that repeats nothing, or everything once when no weight is given.")
+    tokenizer: str = opt("", "Count tokens with this tokenizer (a directory with tokenizer.json, or the file); empty: whitespace-separated words.")
+
+    def validate(self) -> list[str]:
+        p = super().validate()
+        if not self.out:
+            p.append("--out is required (the directory the corpus is written to)")
+        elif Path(self.out).exists() and not Path(self.out).is_dir():
+            p.append(f"--out {self.out} is a file; give a directory path")
+        if not self.source:
+            p.append("no --source given; pass at least one, e.g. --source web=crawl.jsonl.gz:0.7")
+        if self.output_format not in ("parquet", "jsonl"):
+            p.append(f"output_format={self.output_format!r}; expected parquet or jsonl")
+        if self.unicode_form.upper() not in ("NFC", "NFKC", "NONE"):
+            p.append(f"unicode_form={self.unicode_form!r}; expected NFC, NFKC or none")
+        p += _at_least_one(self, ("shard_size", "num_proc", "minhash_ngram", "decontam_ngram", "min_words"))
+        if not 0 < self.minhash_threshold < 1:
+            p.append(f"minhash_threshold={self.minhash_threshold}; expected a value in (0, 1)")
+        if self.minhash_perm < 16:
+            p.append(f"minhash_perm={self.minhash_perm}; use at least 16 permutations")
+        if self.max_words < self.min_words or self.max_mean_word_length < self.min_mean_word_length:
+            p.append("a quality maximum is below its minimum (min_words/max_words or the mean word lengths)")
+        for name in ("max_symbol_word_ratio", "max_bullet_lines", "max_ellipsis_lines", "min_alpha_words",
+                     "max_dup_line_fraction", "max_dup_line_chars"):
+            if not 0 <= getattr(self, name) <= 1:
+                p.append(f"{name}={getattr(self, name)}; expected a value in [0, 1]")
+        for name in ("top_ngram_chars", "dup_ngram_chars"):
+            try:
+                from lifecycle.data.prep.text import parse_ngram_thresholds
+
+                parse_ngram_thresholds(getattr(self, name))
+            except ValueError:
+                p.append(f"{name}={getattr(self, name)!r}; expected n:fraction pairs such as 2:0.20,3:0.18")
+        if self.min_stop_words < 0 or self.decontam_min_words < 1 or self.target_tokens < 0:
+            p.append("min_stop_words and target_tokens must be >= 0, decontam_min_words >= 1")
+        return p
+
+
+# ---------------------------------------------------------------------------
 # `llm estimate-memory` (the arithmetic is lifecycle/memory.py; it checks the values)
 # ---------------------------------------------------------------------------
 @dataclass

@@ -1,4 +1,5 @@
-"""Read users' own data: local .txt/.jsonl/.json/.csv/.parquet files or a `datasets` hub id.
+"""Read users' own data: local .txt/.jsonl/.json/.csv/.parquet files (JSONL also gzip- or zstd-compressed),
+a directory of them (such as the corpus `llm data` writes), or a `datasets` hub id.
 
 Local files are read here rather than through `datasets.load_dataset` so that a
 bad file gets one clear line naming the file, the line and the fix. A hub id
@@ -14,18 +15,47 @@ from pathlib import Path
 from lifecycle.artifacts import looks_like_hub_id
 from lifecycle.errors import UsageError
 
-SUFFIXES = (".txt", ".jsonl", ".json", ".csv", ".parquet")
+SUFFIXES = (".txt", ".jsonl", ".json", ".csv", ".parquet", ".jsonl.gz", ".jsonl.zst")
+CORPUS_MANIFEST = "data.json"  # written by `llm data`: the shards of a prepared corpus
+
+
+def suffix_of(path: Path) -> str:
+    """The file type: `.jsonl.gz` and `.jsonl.zst` count as one suffix."""
+    name = path.name.lower()
+    for s in (".jsonl.gz", ".jsonl.zst"):
+        if name.endswith(s):
+            return s
+    return path.suffix.lower()
+
+
+def _decompress(path: Path) -> bytes:
+    suffix = suffix_of(path)
+    try:
+        if suffix == ".jsonl.gz":
+            import gzip
+
+            return gzip.decompress(path.read_bytes())
+        import zstandard
+
+        with open(path, "rb") as f:
+            return zstandard.ZstdDecompressor().stream_reader(f).read()
+    except ImportError:
+        raise UsageError(f"{path} is zstd-compressed and the zstandard package is missing; pip install zstandard") from None
+    except Exception as e:  # gzip and zstd raise their own types for a corrupt stream
+        raise UsageError(f"{path} cannot be decompressed ({type(e).__name__}); check the file") from None
 
 
 def _read_text(path: Path) -> str:
     try:
-        return path.read_text(encoding="utf-8")
+        if suffix_of(path) not in (".jsonl.gz", ".jsonl.zst"):
+            return path.read_text(encoding="utf-8")
+        return _decompress(path).decode("utf-8")
     except UnicodeDecodeError as e:
         raise UsageError(f"{path} is not valid UTF-8 (bad byte at offset {e.start}); re-encode the file as UTF-8") from None
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    rows = []
+def iter_jsonl(path: Path):
+    """Rows of a (possibly compressed) JSONL file one at a time, with one-line errors naming the line."""
     for i, line in enumerate(_read_text(path).splitlines(), 1):
         if not line.strip():
             continue
@@ -35,8 +65,31 @@ def _read_jsonl(path: Path) -> list[dict]:
             raise UsageError(f"{path} line {i} is not valid JSON ({e.msg}); each line must be one JSON object") from None
         if not isinstance(row, dict):
             raise UsageError(f"{path} line {i} is a JSON {type(row).__name__}, not an object; each line must be one JSON object")
-        rows.append(row)
-    return rows
+        yield row
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    return list(iter_jsonl(path))
+
+
+def directory_files(path: Path) -> list[Path]:
+    """The data files of a directory: the shards its data.json lists (a corpus from `llm data`, which must be
+    complete), else every file of a supported type in it, in name order."""
+    manifest = path / CORPUS_MANIFEST
+    if manifest.is_file():
+        try:
+            m = json.loads(manifest.read_text(encoding="utf-8"))
+            files, shards = dict(m["files"]), [path / n for n in m["shards"]]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError):
+            raise UsageError(f"{manifest} is corrupted; re-run `llm data` to write {path} again") from None
+        for n, size in files.items():
+            if not (path / n).is_file() or (path / n).stat().st_size != size:
+                raise UsageError(f"{path} is incomplete ({n} is missing or has the wrong size); re-run `llm data` to write it again")
+        return shards
+    found = sorted(p for p in path.iterdir() if p.is_file() and suffix_of(p) in SUFFIXES and not p.name.startswith("."))
+    if not found:
+        raise UsageError(f"data directory {path} holds no data files ({', '.join(SUFFIXES)}); pass files or a directory written by `llm data`")
+    return found
 
 
 def _read_json(path: Path) -> list[dict]:
@@ -76,8 +129,11 @@ def read_records(source: str, text_column: str = "text") -> list[dict]:
             return _read_hub(source)
         raise UsageError(f"data file {source} not found; pass an existing file ({', '.join(SUFFIXES)}) or a datasets hub id")
     if path.is_dir():
-        raise UsageError(f"data path {source} is a directory; pass one or more files ({', '.join(SUFFIXES)})")
-    suffix = path.suffix.lower()
+        rows = [r for f in directory_files(path) for r in read_records(str(f), text_column)]
+        if not rows:
+            raise UsageError(f"data directory {source} holds no examples; pass files with at least one")
+        return rows
+    suffix = suffix_of(path)
     if suffix not in SUFFIXES:
         raise UsageError(f"data file {source} has an unsupported type {suffix or '(none)'}; use one of {', '.join(SUFFIXES)}")
     if path.stat().st_size == 0:
@@ -85,7 +141,7 @@ def read_records(source: str, text_column: str = "text") -> list[dict]:
     if suffix == ".txt":
         paragraphs = [p.strip() for p in _read_text(path).replace("\r\n", "\n").split("\n\n")]
         rows = [{text_column: p} for p in paragraphs if p]
-    elif suffix == ".jsonl":
+    elif suffix in (".jsonl", ".jsonl.gz", ".jsonl.zst"):
         rows = _read_jsonl(path)
     elif suffix == ".json":
         rows = _read_json(path)
