@@ -1,5 +1,7 @@
 """The math of PPO for language models, as small pure functions (no models, no I/O).
 
+`Rollout` is the batch of experience they work on, its fields grouped by
+their RL meaning with shape comments (as OpenRLHF's `Experience`).
 Each function takes tensors and returns tensors; the PPO loop in
 `lifecycle/stages/ppo.py` calls them in order. Shapes follow one convention:
 B sequences, T response tokens, V vocabulary; `mask` is (B, T) with 1 on the
