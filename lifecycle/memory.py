@@ -633,17 +633,11 @@ def cli_estimate(*, model: str, stage: str = "sft", method: str = "full", lora_r
                  as_json: bool = False, echo=print, measure: bool = False) -> Estimate:
     """`llm estimate-memory`: read the model, estimate, print a table (or JSON).
 
-    `measure=True` is kept for callers that predate cli.py's own dispatch: it
-    hands over to lifecycle.memory_measure.cli_measure and returns None.
+    `measure` is accepted because the command's options include it, but one real
+    step is lifecycle.memory_measure.cli_measure's job (cli.py dispatches it), so
+    that this module never imports the torch side.
     """
-    args = dict(model=model, stage=stage, method=method, lora_r=lora_r, dtype=dtype, precision=precision,
-                mp_style=mp_style, optimizer=optimizer, batch_size=batch_size, seq_len=seq_len, grad_ckpt=grad_ckpt,
-                attn=attn, zero=zero, gpus=gpus, gpu_memory=gpu_memory, device=device, as_json=as_json)
-    if measure:
-        from lifecycle import memory_measure  # torch from here on
-
-        memory_measure.cli_measure(**args, echo=echo)
-        return None  # type: ignore[return-value]
+    assert not measure, "--measure is dispatched by cli.py to lifecycle.memory_measure.cli_measure"
     config, name, sh, seq_len, limit = resolve(model, seq_len, gpu_memory)
     est = estimate(sh, stage=stage, method=method, lora_r=lora_r, dtype=dtype, precision=precision,
                    optimizer=optimizer, batch_size=batch_size, seq_len=seq_len, grad_ckpt=grad_ckpt, attn=attn,

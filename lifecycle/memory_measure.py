@@ -241,6 +241,9 @@ def measure(config: dict, *, stage: str = "sft", method: str = "full", lora_r: i
                 n_trainable=sum(p.numel() for p in trainable), n_params=sum(p.numel() for _, p in named))
 
 
+_one_step = measure   # cli_measure's own `measure` flag (the command's option) shadows the name
+
+
 def compare(est: "memory.Estimate", meas: dict) -> list[tuple[str, int, int, float | None]]:
     """(row, estimated, measured, error %) for every row either side has."""
     out = []
@@ -290,7 +293,7 @@ def cli_measure(*, model: str, stage: str = "sft", method: str = "full", lora_r:
         raise UsageError(f"--measure would need about {memory.fmt_bytes(est.total_bytes)} on this {run_on} but only "
                          f"{memory.fmt_bytes(have)} is free; measure a smaller model (a tiny config.json), a shorter "
                          f"--seq-len or a smaller --batch-size")
-    meas = measure(config, device=run_on, **kw)
+    meas = _one_step(config, device=run_on, **kw)
     rows = compare(est, meas)
     if as_json:
         import json

@@ -274,6 +274,16 @@ def _apply_lora(model, st: Settings, head: str):
     return model
 
 
+def _rehome(model, mode: FakeTensorMode) -> None:
+    """Give tensors that peft deep-copied (modules_to_save) back to `mode`: a copy gets a fake mode of its own."""
+    for m in model.modules():
+        for store in (m._parameters, m._buffers):
+            for k, t in list(store.items()):
+                if t is not None and getattr(t, "fake_mode", mode) is not mode:
+                    new = torch.empty(t.shape, dtype=t.dtype)
+                    store[k] = torch.nn.Parameter(new, requires_grad=t.requires_grad) if store is m._parameters else new
+
+
 def _trace_once(cfg: dict, st: Settings, b: int, s: int, per_layer: bool = False) -> dict:
     mode = FakeTensorMode()
     model, impl = build_fake(cfg, head=st.head, attn=st.attn, pdt=st.pdt, mode=mode)
@@ -282,6 +292,7 @@ def _trace_once(cfg: dict, st: Settings, b: int, s: int, per_layer: bool = False
             for p in model.parameters():
                 p.requires_grad_(False)
             model = _apply_lora(model, st, st.head)
+            _rehome(model, mode)
             if st.head == "score":
                 for n, p in model.named_parameters():
                     if "score" in n:

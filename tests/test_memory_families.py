@@ -80,6 +80,7 @@ def test_estimate_agrees_with_one_measured_step(mm, family_dir, family):
     ("mixtral", dict(method="lora")),                     # peft's all-linear also wraps the experts' 3-D weights
     ("gemma2", dict(method="lora", grad_ckpt="full")),    # no SDPA in transformers: eager attention, checkpointed
     ("phi3", dict(stage="reward")),                       # score head, chosen + rejected in one forward
+    ("gemma3_text", dict(stage="reward", method="lora")),   # peft's trainable copy of the score head
     ("qwen3_moe", dict(dtype="fp32")),
 ])
 def test_more_settings_agree(mm, family_dir, family, kw):
