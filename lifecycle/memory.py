@@ -31,12 +31,11 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Iterable
 
 from lifecycle.errors import UsageError
-from lifecycle.memory_arch import (DTYPES, LORA_ROLES, NF4_BLOCK, NF4_DQ_BLOCK, NoClosedForm, ParamSpec, Shape,  # noqa: F401
-                                   count_params, dtypes_for, nf4_bytes, param_table, regime_of, shape_from_config)
+from lifecycle.memory_arch import (DTYPES, LORA_ROLES, NoClosedForm, ParamSpec, Shape, dtypes_for, nf4_bytes,  # noqa: F401
+                                   param_table, regime_of, shape_from_config)
 from lifecycle.memory_sim import activation_rows
-from lifecycle.memory_states import model_states, optimizer_state_bytes, zero_model_state_bytes  # noqa: F401
-from lifecycle.presets import (ALIASES, PRESETS as PROJECT_PRESETS, PROJECT_VOCAB, PUBLISHED, PUBLISHED_PARAMS,  # noqa: F401
-                               load_model_config, preset_names)
+from lifecycle.memory_states import model_states, zero_model_state_bytes  # noqa: F401
+from lifecycle.presets import PUBLISHED_PARAMS, load_model_config  # noqa: F401
 
 KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
 
