@@ -21,6 +21,12 @@ Two ways to know a model:
                 (lifecycle/memory_trace.py; imports torch, only when needed).
 When neither can model a config, `estimate` raises CannotEstimate; the stages'
 `check_fits` turns that into one warning line and lets the run go on.
+
+This module (~650 lines) is the estimate itself: the rows of five stages (PPO's
+four roles among them), ZeRO sharding, the phases that set the peak, the
+largest-micro-batch search, the check the stages call and the command; its
+parts (shapes, model states, the activation simulation, the tracer, presets)
+live in the modules named above.
 """
 
 from __future__ import annotations
