@@ -320,11 +320,15 @@ def save_model_artifact(
     `extra_dirs` maps a sub-directory name to a callable `f(path)` that writes
     more files there (an adapter, a critic) before publishing.
     """
+    from lifecycle.tokenizer import save_tokenizer
+    from lifecycle.training import quiet_saving
+
     out = Path(out)
     staging = staging_dir(out)
-    model.save_pretrained(staging, safe_serialization=True)
+    with quiet_saving():
+        model.save_pretrained(staging, safe_serialization=True)
     if tokenizer is not None:
-        tokenizer.save_pretrained(staging)
+        save_tokenizer(tokenizer, staging)
     for name, writer in (extra_dirs or {}).items():
         d = staging / name
         d.mkdir()

@@ -44,6 +44,7 @@ MAY_CHANGE = {
     "out", "resume", "force", "report_to", "log_every", "save_every", "keep_checkpoints", "cpu_threads",
     "eval_every", "eval_batches", "eval_batch_size", "sample_prompt", "compile", "explain", "debug_digest",
     "strict", "stop_on_collapse",
+    "max_steps",  # training longer (or shorter) than first planned is still the same run
 }
 MAY_CHANGE_PREFIXES = ("watch_", "gate_")
 

@@ -33,7 +33,7 @@ import dataclasses
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 import yaml
 
@@ -208,11 +208,15 @@ class TrlTraining(TrainCommon):
     eval_every: int = opt(200, "Evaluate on the held-out set every N optimizer steps (sft: loss, and gold accuracy on the built-in world; reward: pairwise accuracy).")
     eval_batch_size: int = opt(64, "Examples per evaluation batch (reward: pairs).")
 
+    inherits_max_length: ClassVar[bool] = False  # sft: max_length 0 takes the parent's training length
+
     def validate(self) -> list[str]:
         p = super().validate()
         if not self.base:
             p.append("--base is required (the causal-LM artifact to start from, e.g. runs/default/pretrain)")
-        p += _at_least_one(self, ("batch_size", "grad_accum", "max_length", "eval_every", "eval_batch_size"))
+        p += _at_least_one(self, ("batch_size", "grad_accum", "eval_every", "eval_batch_size"))
+        if self.max_length < (0 if self.inherits_max_length else 1):
+            p.append(f"max_length={self.max_length}; must be at least 1" + (" (0: the parent's training length)" if self.inherits_max_length else ""))
         if self.epochs < 0:
             p.append(f"epochs={self.epochs}; must be >= 0 (0 means: train `steps` steps)")
         if not 0 < self.lr < 1:
@@ -293,6 +297,8 @@ class SFTConfig(FinetunePeft, ChatFormat, TrlTraining):
     messages_column: str = opt("messages", "Column with a conversation: a list of {role, content} messages.")
     completion_column: str = opt("completion", "Column with the completion (a string or a list of messages), paired with prompt_column.")
     text_column: str = opt("text", "Column with plain text (language-modelling loss on every token).")
+    max_length: int = opt(0, "Tokens per sequence at most; longer ones are cut (keeping the start) and counted. 0: the length the parent was trained at (its pretraining seq_len or sft max_length), capped by the model's context; 2048 for a hub model. With packing: the block length.")
+    inherits_max_length: ClassVar[bool] = True
     loss_on: str = opt("assistant", "assistant: loss on assistant/completion tokens only; all: on every token (prompts too).")
     packing: bool = opt(False, "Pack several examples into each max_length block (fewer pad tokens; examples do not attend to each other).")
     world_examples: int = opt(1500, "Built-in world: sloppy-labelled training examples to generate.")

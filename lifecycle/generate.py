@@ -70,14 +70,25 @@ def stop_ids(tokenizer, model=None) -> list[int]:
 
 @contextlib.contextmanager
 def own_settings_only(model):
-    """Within the block, `model.generate` sees an empty generation_config: nothing from the hub's file applies."""
+    """Within the block, `model.generate` sees an empty generation_config: nothing from the hub's file applies.
+
+    A mixture of experts also stops returning router logits (TRL turns them on for
+    the load-balancing loss); transformers' auxiliary loss cannot be computed on
+    a KV-cached step, and sampling has no use for it.
+    """
     hf = _hf_model(model)
     saved = hf.generation_config
+    text_config = hf.config.get_text_config()
+    router = getattr(text_config, "output_router_logits", False)
     hf.generation_config = GenerationConfig()
+    if router:
+        text_config.output_router_logits = False
     try:
         yield
     finally:
         hf.generation_config = saved
+        if router:
+            text_config.output_router_logits = router
 
 
 def generate_batch(

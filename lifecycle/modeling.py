@@ -229,6 +229,10 @@ def load_for_training(path: str, peft: Any, *, head: str = CAUSAL_HEAD, pad_toke
     if peft.lora or peft.qlora or peft.dora:
         from peft import get_peft_model
 
+        if peft.dora and is_moe(model.config):
+            raise UsageError(f"--dora on {path}: peft cannot apply DoRA to a mixture of experts' fused expert weights; "
+                             f"use --lora or --qlora for this model")
+
         if is_moe(model.config) and peft.lora_dropout:
             print(f"note: lora_dropout {peft.lora_dropout} -> 0 on this mixture-of-experts model "
                   f"(peft adapts the fused expert weights as parameters, which takes no dropout)", flush=True)

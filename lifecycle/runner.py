@@ -123,6 +123,9 @@ def run_lifecycle(recipe: str | None, out: str, *, max_steps: int | None = None,
         if seed is not None:
             overrides["seed"] = seed
         cfg = build_config(STAGE_CONFIGS[name], cfg_path, overrides, check=False)
+        if getattr(cfg, "explain", False):
+            raise UsageError(f"stage {name} sets explain: true; `llm run` trains every stage: run `llm {name} "
+                             f"--explain` on its own, and drop the key from the recipe")
         configs.append((name, cfg))
     for name, cfg in configs:
         stage_out = Path(cfg.out)

@@ -107,9 +107,9 @@ def test_llm_run_names_the_option_that_changed_and_offers_force(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("stages:\n  pretrain: {model: llama-micro, seq_len: 32, steps: 8}\n")
     root = tmp_path / "run"
-    recorded = _pretrain_cfg(root / "pretrain", seq_len=32, steps=8, model="llama-micro")
+    recorded = _pretrain_cfg(root / "pretrain", seq_len=16, steps=8, model="llama-micro")
     _ours(root / "pretrain", 4, {"fingerprint": checkpoints.fingerprint(recorded)})
-    with pytest.raises(UsageError, match=r"max_steps=-1 \(now 6\).*add --force to start pretrain afresh"):
+    with pytest.raises(UsageError, match=r"seq_len=16 \(now 32\).*add --force to start pretrain afresh"):
         run_lifecycle(str(recipe), str(root), max_steps=6)
 
 

@@ -64,9 +64,11 @@ def test_a_shared_field_is_one_flag_definition():
     rm_fields = {f.name: f for f in dataclasses.fields(RewardConfig)}
     common = set(sft_fields) & set(rm_fields)
     same = {n for n in common if sft_fields[n] is rm_fields[n]}
-    # Only the reward recipe's own defaults are declared again, and they keep the group's help.
-    assert common - same == {"steps", "batch_size", "lr", "warmup_steps", "eval_every", "eval_batch_size", "eval_problems"}
-    for n in common - same - {"eval_problems"}:
+    # Only the reward recipe's own defaults are declared again, and they keep the group's help; and sft's
+    # max_length, whose 0 (inherit the parent's training length) reward does not have.
+    assert common - same == {"steps", "batch_size", "lr", "warmup_steps", "eval_every", "eval_batch_size", "eval_problems",
+                             "max_length"}
+    for n in common - same - {"eval_problems", "max_length"}:
         assert sft_fields[n].metadata == rm_fields[n].metadata and sft_fields[n].default != rm_fields[n].default, n
     assert len(same) >= 30
     for n in same:

@@ -43,7 +43,7 @@ def _sft(base: Path, out: Path, **kw):
 # sft: full and LoRA on every family; QLoRA and DoRA on a dense and an MoE one
 # ---------------------------------------------------------------------------
 MATRIX = [(f, "full") for f in ALL] + [(f, "lora") for f in ALL] + [
-    ("qwen3", "qlora"), ("qwen3_moe", "qlora"), ("gemma2", "dora"), ("mixtral", "dora")]
+    ("qwen3", "qlora"), ("qwen3_moe", "qlora"), ("gemma2", "dora"), ("phi3", "dora")]
 
 
 @pytest.mark.parametrize("family,mode", MATRIX, ids=[f"{f}-{m}" for f, m in MATRIX])
@@ -110,7 +110,7 @@ def test_sft_trains_on_the_assistant_turn_and_marker_only(chatml_tokenizer, fami
     rows = [{"prompt": [{"role": "user", "content": "what is 48 plus 87 ?"}],
              "completion": [{"role": "assistant", "content": "135"}]}] * 4
     cfg = build_config(SFTConfig, None, dict(base=str(family_dir("qwen3")), out=str(tmp_path / "o"), max_steps=1,
-                                             batch_size=2, save_every=0))
+                                             batch_size=2, save_every=0, max_length=64))
     model = load_for_training(cfg.base, cfg)
     trainer = sft.build_trainer(cfg, model, chatml_tokenizer, rows, rows[:2], resuming=False)
     row = trainer.train_dataset[0]
@@ -137,16 +137,16 @@ def test_reward_encoding_of_a_generated_turn_equals_the_chat_rendering(chatml_to
 
 @pytest.mark.parametrize("family", ["qwen3", "gemma2", "mixtral"])
 def test_reward_runs_on_families_and_scores_where_it_trained(family, family_dir, tmp_path):
-    """Plain-text pairs end with EOS, which this tokenizer also uses as pad: the stock classifier would read one
-    token early, so training reads by the attention mask, as `score` does; after training the held-out
-    accuracy recorded in the manifest (computed by `score`) agrees with the trainer's own eval accuracy."""
+    """Plain-text pairs (ending with EOS, which this tokenizer also pads with) on each family; the held-out
+    accuracy in the manifest is computed by `score`, the function PPO reads rewards with."""
     from transformers import AutoModelForSequenceClassification
 
     from lifecycle.config import RewardConfig, build_config
     from lifecycle.stages import reward
 
     data = tmp_path / "pairs.jsonl"
-    rows = [{"chosen": f"{a} plus {b} equals {a + b}", "rejected": f"{a} plus {b} equals {a + b + 10}"}
+    # The preferred answer is marked by its last word, which every family learns in a few steps.
+    rows = [{"chosen": f"{a} plus {b} equals {a + b} yes", "rejected": f"{a} plus {b} equals {a + b} no"}
             for a in range(10, 40) for b in (11, 23)]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = build_config(RewardConfig, None, dict(base=str(family_dir(family)), out=str(tmp_path / "rm"), data=str(data),
@@ -156,8 +156,48 @@ def test_reward_runs_on_families_and_scores_where_it_trained(family, family_dir,
     m = json.loads((out / "lifecycle.json").read_text())["metrics"]
     model = AutoModelForSequenceClassification.from_pretrained(out)
     assert model.config.num_labels == 1
-    assert m["eval_accuracy"] > m["eval_accuracy_initial"] or m["eval_accuracy"] == 1.0
-    assert m["eval_accuracy"] >= 0.75
+    assert m["eval_accuracy"] >= 0.9
+
+
+def test_dora_on_a_mixture_of_experts_is_refused_in_one_line(family_dir, tmp_path):
+    from lifecycle.errors import UsageError
+
+    with pytest.raises(UsageError, match="DoRA .* mixture of experts.*use --lora"):
+        _sft(family_dir("mixtral"), tmp_path / "sft", dora=True)
+
+
+def test_the_reward_trainer_reads_the_scores_that_score_reads(chatml_tokenizer, family_dir, tmp_path):
+    """With pad == EOS the stock classifier reads the token before EOS; our trainer reads the last attended
+    token, so the rewards it trains are exactly `reward_model.score`'s."""
+    import torch
+    import trl
+    from datasets import Dataset
+
+    from lifecycle.modeling import REWARD_HEAD, load_for_training
+    from lifecycle.reward_model import score
+    from lifecycle.stages.reward import mask_read_trainer, pad_is_real, tokenize
+
+    tok = chatml_tokenizer
+    pairs = [{"chosen": "1 plus 2 equals 3", "rejected": "1 plus 2 equals 4 and more"},
+             {"chosen": "5 plus 5 equals 10", "rejected": "5 plus 5 is 9"}]
+    rows, _, _ = tokenize(tok, pairs, 64)
+    assert pad_is_real(rows, tok.pad_token_id)
+    from types import SimpleNamespace
+
+    peft = SimpleNamespace(lora=False, qlora=False, dora=False)
+    model = load_for_training(str(family_dir("qwen3")), peft, head=REWARD_HEAD, pad_token_id=tok.pad_token_id)
+    args = trl.RewardConfig(output_dir=str(tmp_path), per_device_train_batch_size=2, report_to=[], use_cpu=True, bf16=False,
+                            disable_dropout=True)
+    trainer = mask_read_trainer(trl, torch)(model=model, args=args, train_dataset=Dataset.from_list(rows),
+                                            processing_class=tok)
+    batch = next(iter(trainer.get_train_dataloader()))
+    model.eval()
+    with torch.no_grad():
+        _, out = trainer.compute_loss(model, batch, return_outputs=True)
+        stock = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.squeeze(-1)
+    expected = score(model, tok, ["", ""], [p["chosen"] for p in pairs]) + score(model, tok, ["", ""], [p["rejected"] for p in pairs])
+    assert out.logits.squeeze(-1).tolist() == pytest.approx(expected, abs=1e-5)
+    assert not torch.allclose(stock, out.logits.squeeze(-1), atol=1e-4)  # what the stock forward would have trained
 
 
 def test_pad_that_is_also_a_real_token_switches_to_mask_reading():

@@ -189,7 +189,7 @@ def run(cfg: RewardConfig) -> Path:
         processing_class=tokenizer,
     )
     finetune.fp32_adapters_without_autocast(trainer, cfg)
-    finetune.attach_progress(trainer)
+    finetune.attach_progress(trainer, cfg)
     t_train = time.perf_counter()
     trainer.train(resume_from_checkpoint=True if resuming else None)
     train_seconds = time.perf_counter() - t_train

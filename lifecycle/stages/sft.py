@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import time
@@ -119,7 +120,9 @@ def run(cfg: SFTConfig) -> Path:
 
     # 1. Inputs ------------------------------------------------------------
     info = artifacts.check_artifact(cfg.base, artifacts.CAUSAL_LM, "--base")
-    resuming = finetune.check_resume(cfg)
+    requested = dataclasses.replace(cfg)  # what checkpoints record: the options as asked, before resolving
+    cfg.max_length = finetune.inherit_max_length(cfg, info)  # 0: the parent's training length
+    resuming = finetune.check_resume(requested)
     finetune.check_tracker(cfg)
     finetune.check_memory(cfg, info, "sft")
     shape, train_rows, eval_rows = load_rows(cfg)
@@ -176,7 +179,7 @@ def run(cfg: SFTConfig) -> Path:
         finetune.drop_eval(trainer)
         eval_rows = []
     finetune.fp32_adapters_without_autocast(trainer, cfg)
-    finetune.attach_progress(trainer)
+    finetune.attach_progress(trainer, requested)
     if problems and eval_rows:
         trainer.add_callback(gold_callback(tokenizer, problems, before))
     t_train = time.perf_counter()
