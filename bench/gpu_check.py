@@ -1,0 +1,214 @@
+"""The prepared GPU check: real-size random-weight models, a few steps of each stage, memory and speed.
+
+For each case it builds a model from a published architecture (no download:
+random weights from the preset's config), writes it as a hub-style directory with
+a ChatML tokenizer, runs the stage itself (`lifecycle.stages.*.run`) for a few
+steps on synthetic data whose rows fill `seq` tokens, and records
+
+* the estimator's per-GPU prediction for that run against `torch.cuda.max_memory_allocated`;
+* tokens/s over the training steps and MFU against the card's published dense bf16 peak
+  (6N FLOPs per token for full fine-tuning, 4N with frozen base weights, plus attention).
+
+    python bench/gpu_check.py --out /tmp/gpu_check [--budget-s 420] [--cases sft-0.6b,sft-qlora-8b,...]
+
+Writes OUT/gpu_check.json; `python bench/gpu_check.py --report OUT/gpu_check.json` turns it into
+a section of docs/BENCHMARKS.md. Cases run cheapest first and stop when the time budget is spent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+# name: (preset, stage, method, micro-batch, seq, steps, gradient checkpointing)
+CASES = {
+    "sft-0.6b": ("qwen3-0.6b", "sft", "full", 4, 2048, 12, False),
+    "reward-0.6b-lora": ("qwen3-0.6b", "reward", "lora", 4, 2048, 8, False),
+    "sft-qlora-8b": ("qwen3-8b", "sft", "qlora", 4, 2048, 6, True),
+}
+
+# Published dense bf16 peaks (NVIDIA datasheets, without sparsity), FLOP/s.
+PEAKS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "4090": 165e12}
+
+
+def peak_flops(name: str) -> float | None:
+    return next((v for k, v in PEAKS.items() if k in name), None)
+
+
+def flops_per_token(n_params: int, n_trainable: int, layers: int, hidden: int, seq: int) -> float:
+    """Forward 2N, backward 2N for activation grads plus 2N_trainable for weight grads; attention
+    scores and values add 2·2·L·s·h forward (causal halves it; we count it whole, as PaLM's MFU does)."""
+    attn = 12 * layers * hidden * seq
+    return 4 * n_params + 2 * n_trainable + attn
+
+
+def build_base(preset: str, out: Path, tok) -> dict:
+    """Random weights of the preset's architecture, bf16, saved as a hub-style directory."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lifecycle.memory import load_model_config
+
+    conf, _ = load_model_config(preset)
+    conf = {k: v for k, v in conf.items() if not k.startswith("_")}
+    cfg = AutoConfig.for_model(**conf)
+    cfg.eos_token_id, cfg.pad_token_id = tok.eos_token_id, tok.pad_token_id
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    n = sum(p.numel() for p in model.parameters())
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    return {"config": cfg.to_dict(), "params": n}
+
+
+def write_data(path: Path, tok, stage: str, seq: int, rows: int) -> None:
+    """Rows that fill `seq` tokens (truncated there), so every step sees batch x seq tokens."""
+    import random
+
+    rng = random.Random(0)
+    words = [f"{a} plus {b} equals {a + b} ." for a in range(10, 99) for b in range(10, 99, 7)]
+    per = len(tok(words[0])["input_ids"])
+    long = lambda: " ".join(rng.choice(words) for _ in range(seq // per + 8))  # noqa: E731
+    with path.open("w") as f:
+        for _ in range(rows):
+            if stage == "sft":
+                r = {"messages": [{"role": "user", "content": "recite some sums"}, {"role": "assistant", "content": long()}]}
+            else:
+                text = long()
+                r = {"chosen": text, "rejected": text[::-1]}
+            f.write(json.dumps(r) + "\n")
+
+
+def run_case(name: str, work: Path, tok) -> dict:
+    import torch
+
+    from lifecycle import memory
+    from lifecycle.config import RewardConfig, SFTConfig, build_config
+    from lifecycle.stages import reward, sft
+
+    preset, stage, method, batch, seq, steps, ckpt = CASES[name]
+    base = work / f"base-{preset}"
+    t0 = time.perf_counter()
+    info = json.loads((base / "info.json").read_text()) if (base / "info.json").exists() else None
+    if info is None:
+        info = build_base(preset, base, tok)
+        (base / "info.json").write_text(json.dumps(info))
+    t_build = time.perf_counter() - t0
+    data = work / f"{name}.jsonl"
+    write_data(data, tok, stage, seq, rows=batch * (steps + 2))
+    values = dict(base=str(base), out=str(work / f"out-{name}"), data=str(data), max_steps=steps, batch_size=batch,
+                  grad_accum=1, max_length=seq, warmup_steps=0, save_every=0, log_every=1, eval_fraction=0.0,
+                  mixed_precision="bf16", gradient_checkpointing=ckpt, merge=False, lr=1e-5, cpu_threads=0)
+    if method != "full":
+        values[method] = True
+    cls, mod = (SFTConfig, sft) if stage == "sft" else (RewardConfig, reward)
+    cfg = build_config(cls, None, values)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    t1 = time.perf_counter()
+    path = mod.run(cfg)
+    wall = time.perf_counter() - t1
+    peak = torch.cuda.max_memory_allocated()
+    m = json.loads((Path(path) / "lifecycle.json").read_text())["metrics"]
+    seqs = batch * (2 if stage == "reward" else 1)  # a reward step reads chosen and rejected
+    tokens = steps * seqs * seq
+    tps = tokens / m["train_seconds"]
+    conf = info["config"]
+    est = memory.estimate(conf, stage=stage, method=method, batch_size=batch, seq_len=seq, dtype="bf16",
+                          grad_ckpt="full" if ckpt else "none", lora_r=cfg.lora_r, device="cuda")
+    fpt = flops_per_token(m["total_params"], m["trainable_params"], conf["num_hidden_layers"], conf["hidden_size"], seq)
+    dev = torch.cuda.get_device_name()
+    peak_f = peak_flops(dev)
+    return {
+        "case": name, "preset": preset, "stage": stage, "method": method, "batch": batch, "seq": seq, "steps": steps,
+        "grad_ckpt": ckpt, "params": info["params"], "trainable": m["trainable_params"],
+        "estimate_bytes": est.total_bytes, "measured_bytes": peak,
+        "estimate_rows": {k: v for k, v in est.to_dict().items() if isinstance(v, (int, float))},
+        "tokens_per_s": tps, "mfu": (tps * fpt / peak_f) if peak_f else None, "train_seconds": m["train_seconds"],
+        "stage_wall_s": wall, "build_s": t_build, "device": dev,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="/tmp/gpu_check")
+    ap.add_argument("--cases", default=",".join(CASES))
+    ap.add_argument("--budget-s", type=float, default=420.0)
+    ap.add_argument("--report", help="write docs/BENCHMARKS.md's section from this gpu_check.json")
+    args = ap.parse_args()
+    if args.report:
+        return report(Path(args.report))
+    import torch
+
+    from families import chatml_tokenizer
+
+    assert torch.cuda.is_available(), "the GPU check needs a CUDA device"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = chatml_tokenizer()
+    from _report import machine
+
+    results = {"machine": machine(), "command": "bash bench/gpu_check.sh", "cases": []}
+    start = time.perf_counter()
+    for name in args.cases.split(","):
+        if time.perf_counter() - start > args.budget_s:
+            results["cases"].append({"case": name, "skipped": "time budget spent"})
+            continue
+        try:
+            r = run_case(name, out, tok)
+        except Exception as e:  # record and go on: one failing case must not hide the others' figures
+            import traceback
+
+            traceback.print_exc()
+            r = {"case": name, "error": f"{type(e).__name__}: {str(e)[:500]}"}
+        print(json.dumps(r), flush=True)
+        results["cases"].append(r)
+        (out / "gpu_check.json").write_text(json.dumps(results, indent=2))
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def report(path: Path) -> None:
+    from _report import write_section
+
+    res = json.loads(path.read_text())
+    gib = 2**30
+    lines = [
+        "## GPU check: real-size models, random weights, a few steps of each stage",
+        "",
+        f"`{res['command']}` on {res['machine']}. Each row runs the stage itself on a random-weight model built",
+        "from the preset's published architecture (no download) and compares the estimator's prediction",
+        "(`llm estimate-memory` with the same settings) with `torch.cuda.max_memory_allocated` over the run;",
+        "tokens/s over the training steps (first step included), MFU against the card's dense bf16 peak.",
+        "",
+        "| case | model | method | micro-batch x seq | estimate | measured | est/meas | tokens/s | MFU |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for c in res["cases"]:
+        if "error" in c or "skipped" in c:
+            lines.append(f"| {c['case']} | | | | | | | | {c.get('error') or c.get('skipped')} |")
+            continue
+        ratio = c["estimate_bytes"] / c["measured_bytes"]
+        mfu = f"{100 * c['mfu']:.1f}%" if c.get("mfu") else "n/a"
+        lines.append(f"| {c['case']} | {c['preset']} ({c['params'] / 1e9:.2f}B) | {c['method']}{' + ckpt' if c['grad_ckpt'] else ''} "
+                     f"| {c['batch']} x {c['seq']} | {c['estimate_bytes'] / gib:.1f} GiB | {c['measured_bytes'] / gib:.1f} GiB "
+                     f"| {ratio:.2f} | {c['tokens_per_s']:,.0f} | {mfu} |")
+    write_section("gpu_check", "\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
