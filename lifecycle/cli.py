@@ -24,7 +24,7 @@ from typing import Any, Callable, List, Optional
 
 import typer
 
-from lifecycle.config import (STAGE_CONFIGS, EstimateMemoryConfig, build_config, dump_yaml, field_default,
+from lifecycle.config import (STAGE_CONFIGS, DataConfig, EstimateMemoryConfig, build_config, dump_yaml, field_default,
                               field_types, parse_set)
 from lifecycle.errors import Interrupted, TrainingDiverged, UsageError
 
@@ -130,6 +130,7 @@ def run_stage(name: str, cfg: Any) -> None:
 
 for _name, _cls in STAGE_CONFIGS.items():
     app.command(_name)(config_command(_cls, functools.partial(run_stage, _name), recipe=True))
+app.command("data")(config_command(DataConfig, functools.partial(run_stage, "data"), recipe=True))
 
 
 def estimate_memory(cfg: EstimateMemoryConfig) -> None:
@@ -138,12 +139,11 @@ def estimate_memory(cfg: EstimateMemoryConfig) -> None:
     if cfg.measure:
         from lifecycle import memory_measure  # torch from here on
 
-        if hasattr(memory_measure, "cli_measure"):  # else the estimator's own --measure path below
-            memory_measure.cli_measure(**args, echo=typer.echo)
-            return
+        memory_measure.cli_measure(**args, echo=typer.echo)
+        return
     from lifecycle.memory import cli_estimate
 
-    cli_estimate(**args, **({"measure": True} if cfg.measure else {}), echo=typer.echo)
+    cli_estimate(**args, echo=typer.echo)
 
 
 app.command("estimate-memory")(config_command(EstimateMemoryConfig, estimate_memory, recipe=False))

@@ -130,10 +130,7 @@ def explain(cfg: PPOConfig) -> str:
         f"(fewer if approx KL stops an epoch early)",
         f"  run               {steps} iterations -> {steps * G:,} episodes, {steps * cfg.ppo_epochs * n_mb:,} optimizer steps",
         "",
-        memory.estimate(AutoConfig.from_pretrained(inputs.policy.path).to_dict(), stage="ppo",
-                        method="qlora" if cfg.qlora else ("lora" if cfg.lora else "full"), batch_size=micro,
-                        seq_len=seq, gpus=W, lora_r=cfg.lora_r, device="cuda" if torch.cuda.is_available() else "cpu",
-                        dtype={"bf16": "bf16", "fp16": "fp16"}.get(cfg.mixed_precision, "fp32")).table(),
+        _estimate_table(inputs, cfg, micro, seq, W),
     ])
     if os.environ.get("RANK", "0") == "0":
         print(text)
@@ -192,15 +189,28 @@ class LoopState:
     norm: dict | None = None  # {"mean", "std"} of the first rollout's scores, then fixed
     initial: dict | None = None  # the held-out evaluation before training
     gate: dict | None = None  # the reward-model gate's findings
+    fingerprint: dict | None = None  # the options the run was started with (checkpoints.fingerprint)
 
     def state_dict(self) -> dict:
         return {"norm": self.norm, "initial": self.initial, "kl_ctl": self.kl_ctl.state_dict(),
-                "watchdog": self.dog.state_dict(), "gate": self.gate or {}}
+                "watchdog": self.dog.state_dict(), "gate": self.gate or {}, "fingerprint": self.fingerprint}
 
     def load_state_dict(self, state: dict) -> None:
         self.norm, self.initial, self.gate = state["norm"], state["initial"], state.get("gate", {})
         self.kl_ctl.load_state_dict(state["kl_ctl"])
         self.dog.load_state_dict(state["watchdog"])
+
+
+def _estimate_table(inputs: PPOInputs, cfg: PPOConfig, micro: int, seq: int, W: int) -> str:
+    """The four roles' memory estimate for --explain; one line when the estimator cannot model the architecture."""
+    try:
+        return memory.estimate(AutoConfig.from_pretrained(inputs.policy.path).to_dict(), stage="ppo",
+                               method="qlora" if cfg.qlora else ("lora" if cfg.lora else "full"), batch_size=micro,
+                               seq_len=seq, gpus=W, lora_r=cfg.lora_r,
+                               device="cuda" if torch.cuda.is_available() else "cpu",
+                               dtype={"bf16": "bf16", "fp16": "fp16"}.get(cfg.mixed_precision, "fp32")).table()
+    except memory.CannotEstimate as e:
+        return f"memory estimate: not available ({e})"
 
 
 STATS = ("policy_loss", "value_loss", "clipfrac", "approx_kl", "vf_clipfrac", "grad_norm", "critic_grad_norm")
@@ -382,11 +392,14 @@ def run(cfg: PPOConfig, *, reward_fn: RewardFn | None = None) -> Path:
     t_wall = time.perf_counter()
     out = Path(cfg.out)
     ck = checkpoints.require_checkpoint(out) if cfg.resume else None
+    if ck is not None:
+        checkpoints.check_fingerprint(ck, cfg)  # a resume under other options would be another run
     inputs = check_inputs(cfg)
     training.check_tracker(cfg)
     training.quiet()
     acc = training.make_accelerator(mixed_precision=cfg.mixed_precision,
-                                    log_with=None if cfg.report_to == "none" else cfg.report_to, project_dir=str(out))
+                                    log_with=None if cfg.report_to == "none" else cfg.report_to,
+                                    project_config=training.project_config(out))
     say, W, rank = training.say, acc.num_processes, acc.process_index
     G = cfg.prompts_per_rollout
     B, MB, micro = batch_shape(cfg, W)
@@ -418,7 +431,8 @@ def run(cfg: PPOConfig, *, reward_fn: RewardFn | None = None) -> Path:
                    else rl.FixedKLController(cfg.kl_coef),
                    dog=Watchdog(negative_kl=cfg.watch_negative_kl, length_drift=cfg.watch_length_drift,
                                 distinct=cfg.watch_distinct, eos_rate=cfg.watch_eos_rate, entropy=cfg.watch_entropy,
-                                hack_gold_drop=cfg.watch_hack_gold_drop))
+                                hack_gold_drop=cfg.watch_hack_gold_drop),
+                   fingerprint=checkpoints.fingerprint(cfg))
     if ck is None and reward_fn is None:
         st.gate = rm_gate(roles, raw_train, train_prompts, inputs.reward.manifest, acc, cfg, stop)
     start = 0
