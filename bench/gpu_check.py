@@ -34,6 +34,8 @@ CASES = {
     "sft-0.6b": ("qwen3-0.6b", "sft", "full", 4, 2048, 12, False),
     "reward-0.6b-lora": ("qwen3-0.6b", "reward", "lora", 4, 2048, 8, False),
     "sft-qlora-8b": ("qwen3-8b", "sft", "qlora", 4, 2048, 6, True),
+    # `--cases smoke --smoke`: the same code on a tiny model, on whatever device there is (checks the script).
+    "smoke": ("llama-tiny", "sft", "lora", 2, 64, 2, False),
 }
 
 # Published dense bf16 peaks (NVIDIA datasheets, without sparsity), FLOP/s.
@@ -63,14 +65,15 @@ def build_base(preset: str, out: Path, tok) -> dict:
     cfg = AutoConfig.for_model(**conf)
     cfg.eos_token_id, cfg.pad_token_id = tok.eos_token_id, tok.pad_token_id
     torch.manual_seed(0)
-    with torch.device("cuda"):
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     n = sum(p.numel() for p in model.parameters())
     del model
     gc.collect()
-    torch.cuda.empty_cache()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     return {"config": cfg.to_dict(), "params": n}
 
 
@@ -116,21 +119,23 @@ def run_case(name: str, work: Path, tok) -> dict:
         values[method] = True
     cls, mod = (SFTConfig, sft) if stage == "sft" else (RewardConfig, reward)
     cfg = build_config(cls, None, values)
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     t1 = time.perf_counter()
     path = mod.run(cfg)
     wall = time.perf_counter() - t1
-    peak = torch.cuda.max_memory_allocated()
+    peak = torch.cuda.max_memory_allocated() if cuda else 0
     m = json.loads((Path(path) / "lifecycle.json").read_text())["metrics"]
     seqs = batch * (2 if stage == "reward" else 1)  # a reward step reads chosen and rejected
     tokens = steps * seqs * seq
     tps = tokens / m["train_seconds"]
     conf = info["config"]
     est = memory.estimate(conf, stage=stage, method=method, batch_size=batch, seq_len=seq, dtype="bf16",
-                          grad_ckpt="full" if ckpt else "none", lora_r=cfg.lora_r, device="cuda")
+                          grad_ckpt="full" if ckpt else "none", lora_r=cfg.lora_r, device="cuda" if cuda else "cpu")
     fpt = flops_per_token(m["total_params"], m["trainable_params"], conf["num_hidden_layers"], conf["hidden_size"], seq)
-    dev = torch.cuda.get_device_name()
+    dev = torch.cuda.get_device_name() if cuda else "cpu"
     peak_f = peak_flops(dev)
     return {
         "case": name, "preset": preset, "stage": stage, "method": method, "batch": batch, "seq": seq, "steps": steps,
@@ -148,6 +153,7 @@ def main() -> None:
     ap.add_argument("--cases", default=",".join(CASES))
     ap.add_argument("--budget-s", type=float, default=420.0)
     ap.add_argument("--report", help="write docs/BENCHMARKS.md's section from this gpu_check.json")
+    ap.add_argument("--smoke", action="store_true", help="allow running without CUDA (for `--cases smoke`)")
     args = ap.parse_args()
     if args.report:
         return report(Path(args.report))
@@ -155,7 +161,8 @@ def main() -> None:
 
     from families import chatml_tokenizer
 
-    assert torch.cuda.is_available(), "the GPU check needs a CUDA device"
+    if not (torch.cuda.is_available() or args.smoke):
+        sys.exit("the GPU check needs a CUDA device (or --smoke for the tiny case on the CPU)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tok = chatml_tokenizer()
@@ -178,7 +185,8 @@ def main() -> None:
         results["cases"].append(r)
         (out / "gpu_check.json").write_text(json.dumps(results, indent=2))
         gc.collect()
-        torch.cuda.empty_cache()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 def report(path: Path) -> None:

@@ -216,6 +216,10 @@ def load_for_training(path: str, peft: Any, *, head: str = CAUSAL_HEAD, pad_toke
             from accelerate import PartialState
 
             kw["device_map"] = {"": PartialState().local_process_index}
+    elif (peft.lora or peft.dora) and getattr(peft, "mixed_precision", "no") in ("bf16", "fp16"):
+        # LoRA under 16-bit autocast: the frozen base is only ever read in 16 bits, so store it so (half
+        # the memory, what the estimator counts); peft keeps the adapters themselves in fp32.
+        kw["dtype"] = torch.bfloat16 if peft.mixed_precision == "bf16" else torch.float16
     else:
         kw["dtype"] = torch.float32
     model = _from_pretrained(path, head, **kw)
@@ -237,6 +241,10 @@ def load_for_training(path: str, peft: Any, *, head: str = CAUSAL_HEAD, pad_toke
             print(f"note: lora_dropout {peft.lora_dropout} -> 0 on this mixture-of-experts model "
                   f"(peft adapts the fused expert weights as parameters, which takes no dropout)", flush=True)
         model = get_peft_model(model, lora_config(peft, head, model.config))
+        if not peft.qlora and kw["dtype"] != torch.float32:
+            for p in model.parameters():  # the trained copy of a reward head too: fp32, as the adapters
+                if p.requires_grad and p.dtype != torch.float32:
+                    p.data = p.data.float()
     return model
 
 

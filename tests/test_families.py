@@ -234,3 +234,20 @@ def test_generate_runs_and_stops_at_the_end_of_turn(family, family_dir):
                         str(family_dir(family)), "--chat", "--max-new-tokens", "5"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_lora_under_16_bit_autocast_stores_the_frozen_base_in_16_bits(family_dir):
+    """What the estimator counts: a 2-byte frozen base; adapters and the reward head's trained copy in fp32."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from lifecycle.modeling import REWARD_HEAD, load_for_training
+
+    peft = SimpleNamespace(lora=True, qlora=False, dora=False, lora_r=4, lora_alpha=8, lora_dropout=0.0,
+                           lora_target_modules="all-linear", mixed_precision="bf16")
+    model = load_for_training(str(family_dir("qwen3")), peft, head=REWARD_HEAD, pad_token_id=0)
+    assert {(p.dtype, p.requires_grad) for p in model.parameters()} == {(torch.bfloat16, False), (torch.float32, True)}
+    peft.mixed_precision = "no"
+    model = load_for_training(str(family_dir("qwen3")), peft)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
