@@ -152,6 +152,7 @@ def main() -> None:
     ap.add_argument("--out", default="/tmp/gpu_check")
     ap.add_argument("--cases", default=",".join(CASES))
     ap.add_argument("--budget-s", type=float, default=420.0)
+    ap.add_argument("--json", help="where to write the results (default OUT/gpu_check.json), rewritten after each case")
     ap.add_argument("--report", help="write docs/BENCHMARKS.md's section from this gpu_check.json")
     ap.add_argument("--smoke", action="store_true", help="allow running without CUDA (for `--cases smoke`)")
     args = ap.parse_args()
@@ -183,7 +184,7 @@ def main() -> None:
             r = {"case": name, "error": f"{type(e).__name__}: {str(e)[:500]}"}
         print(json.dumps(r), flush=True)
         results["cases"].append(r)
-        (out / "gpu_check.json").write_text(json.dumps(results, indent=2))
+        Path(args.json or out / "gpu_check.json").write_text(json.dumps(results, indent=2))
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

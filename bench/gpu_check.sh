@@ -14,5 +14,6 @@ if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
 fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
-python3 bench/gpu_check.py --out /tmp/gpu_check_work --budget-s "${BUDGET_S:-420}" 2>&1 | tee "$OUT_DIR/gpu_check.log"
-cp /tmp/gpu_check_work/gpu_check.json "$OUT_DIR/" 2>/dev/null || true
+set -o pipefail
+python3 bench/gpu_check.py --out /tmp/gpu_check_work --json "$OUT_DIR/gpu_check.json" --budget-s "${BUDGET_S:-420}" \
+  2>&1 | tee "$OUT_DIR/gpu_check.log"
