@@ -16,6 +16,8 @@ import dataclasses
 import datetime as _dt
 import json
 import multiprocessing as mp
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 import os
 import random
 import shutil
@@ -52,13 +54,17 @@ class Workers:
                 self.ready = True
             return [fn(t) for t in tasks]
         if self.pool is None:  # spawn: the workers import only this package, never the parent's state
-            self.pool = mp.get_context("spawn").Pool(self.num_proc, initializer=S.init_worker, initargs=self.init())
-        return self.pool.map(fn, list(tasks), chunksize=1)
+            self.pool = ProcessPoolExecutor(self.num_proc, mp_context=mp.get_context("spawn"),
+                                            initializer=S.init_worker, initargs=self.init())
+        try:
+            return list(self.pool.map(fn, tasks))
+        except BrokenProcessPool:  # a worker died (killed, out of memory): one line, not a hang
+            raise UsageError(f"a data worker process died during {fn.__name__}; rerun (finished steps are cached), "
+                             f"with fewer --num-proc if memory ran out") from None
 
     def close(self) -> None:
         if self.pool is not None:
-            self.pool.terminate()
-            self.pool.join()
+            self.pool.shutdown(cancel_futures=True)
 
 
 def _windows(it: Iterable, n: int) -> Iterable[list]:
