@@ -90,7 +90,17 @@ def score_tokens(model, input_ids, attention_mask):
     t = torch.arange(mask.shape[1], device=mask.device)
     last = (t * mask).argmax(-1)  # (B,) index of the last real token
     h = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, H)
-    return head(h.to(next(head.parameters()).dtype)).squeeze(-1).float()  # (B,)
+    return head(h.to(_head_dtype(head))).squeeze(-1).float()  # (B,)
+
+
+def _head_dtype(head):
+    """The dtype the score head computes in: under peft, its trained copy's (fp32 over a 16-bit base)."""
+    active = getattr(head, "modules_to_save", None)
+    if active is not None and getattr(head, "active_adapters", None):
+        name = head.active_adapters[0]
+        if name in active:
+            return next(active[name].parameters()).dtype
+    return next(head.parameters()).dtype
 
 
 def pad_batch(seqs: list[list[int]], pad_id: int, side: str = "right"):
