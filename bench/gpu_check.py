@@ -34,6 +34,9 @@ CASES = {
     "sft-0.6b": ("qwen3-0.6b", "sft", "full", 4, 2048, 12, False),
     "reward-0.6b-lora": ("qwen3-0.6b", "reward", "lora", 4, 2048, 8, False),
     "sft-qlora-8b": ("qwen3-8b", "sft", "qlora", 4, 2048, 6, True),
+    # PPO with LoRA on the shared base, the reward model being reward-0.6b-lora's adapter (run that case first);
+    # micro-batch = episodes per forward/backward, seq = prompt + 64 new tokens.
+    "ppo-0.6b-lora": ("qwen3-0.6b", "ppo", "lora", 16, 96, 3, False),
     # `--cases smoke --smoke`: the same code on a tiny model, on whatever device there is (checks the script).
     "smoke": ("llama-tiny", "sft", "lora", 2, 64, 2, False),
 }
@@ -110,11 +113,14 @@ def run_case(name: str, work: Path, tok) -> dict:
         info = build_base(preset, base, tok)
         (base / "info.json").write_text(json.dumps(info))
     t_build = time.perf_counter() - t0
+    if stage == "ppo":
+        return run_ppo_case(name, work, base, info, t_build)
     data = work / f"{name}.jsonl"
     write_data(data, tok, stage, seq, rows=batch * (steps + 2))
     values = dict(base=str(base), out=str(work / f"out-{name}"), data=str(data), max_steps=steps, batch_size=batch,
                   grad_accum=1, max_length=seq, warmup_steps=0, save_every=0, log_every=1, eval_fraction=0.0,
-                  mixed_precision="bf16", gradient_checkpointing=ckpt, merge=False, lr=1e-5, cpu_threads=0)
+                  mixed_precision="bf16", gradient_checkpointing=ckpt, merge=stage == "reward", lr=1e-5,
+                  cpu_threads=0)
     if method != "full":
         values[method] = True
     cls, mod = (SFTConfig, sft) if stage == "sft" else (RewardConfig, reward)
@@ -144,6 +150,45 @@ def run_case(name: str, work: Path, tok) -> dict:
         "estimate_rows": {k: v for k, v in est.to_dict().items() if isinstance(v, (int, float))},
         "tokens_per_s": tps, "mfu": (tps * fpt / peak_f) if peak_f else None, "train_seconds": m["train_seconds"],
         "stage_wall_s": wall, "build_s": t_build, "device": dev,
+    }
+
+
+def run_ppo_case(name: str, work: Path, base: Path, info: dict, t_build: float) -> dict:
+    """A few PPO iterations on the built-in world's prompts: the four roles on one shared bf16 base."""
+    import torch
+
+    from lifecycle import memory
+    from lifecycle.config import PPOConfig, build_config
+    from lifecycle.stages import ppo
+
+    preset, stage, method, micro, seq, steps, _ = CASES[name]
+    reward_case = next(n for n, c in CASES.items() if c[0] == preset and c[1] == "reward")
+    reward_dir = work / f"out-{reward_case}"
+    if not (reward_dir / "lifecycle.json").exists():
+        raise RuntimeError(f"run the {reward_case} case first: PPO reads its reward model")
+    cfg = build_config(PPOConfig, None, dict(
+        policy=str(base), reward=str(reward_dir), out=str(work / f"out-{name}"), lora=True, max_steps=steps,
+        prompts_per_rollout=64, minibatch_size=32, micro_batch_size=micro, ppo_epochs=1, max_new_tokens=seq - 32,
+        world_prompts=256, eval_prompts=32, eval_every=100, gate_samples=32, save_every=0,
+        mixed_precision="bf16", lr=1e-5))
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    t1 = time.perf_counter()
+    path = ppo.run(cfg)
+    wall = time.perf_counter() - t1
+    peak = torch.cuda.max_memory_allocated()
+    m = json.loads((Path(path) / "lifecycle.json").read_text())["metrics"]
+    est = memory.estimate(info["config"], stage="ppo", method=method, batch_size=micro, seq_len=seq, dtype="bf16",
+                          lora_r=cfg.lora_r, device="cuda")
+    episodes = steps * cfg.prompts_per_rollout
+    return {
+        "case": name, "preset": preset, "stage": stage, "method": method, "batch": micro, "seq": seq, "steps": steps,
+        "grad_ckpt": False, "params": info["params"], "trainable": m.get("trainable_params"),
+        "estimate_bytes": est.total_bytes, "measured_bytes": peak,
+        "estimate_rows": {k: v for k, v in est.to_dict().items() if isinstance(v, (int, float))},
+        "tokens_per_s": episodes * seq / wall, "episodes_per_s": episodes / wall, "mfu": None,
+        "train_seconds": wall, "stage_wall_s": wall, "build_s": t_build, "device": torch.cuda.get_device_name(),
+        "metrics": {k: m[k] for k in ("kl", "score", "eval_score") if k in m},
     }
 
 
@@ -201,7 +246,8 @@ def report(path: Path) -> None:
         f"`{res['command']}` on {res['machine']}. Each row runs the stage itself on a random-weight model built",
         "from the preset's published architecture (no download) and compares the estimator's prediction",
         "(`llm estimate-memory` with the same settings) with `torch.cuda.max_memory_allocated` over the run;",
-        "tokens/s over the training steps (first step included), MFU against the card's dense bf16 peak.",
+        "tokens/s over the training steps (first step included), MFU against the card's dense bf16 peak;",
+        "for PPO, sequence tokens (prompt + response) per second of the whole stage (rollouts, scoring, updates).",
         "",
         "| case | model | method | micro-batch x seq | estimate | measured | est/meas | tokens/s | MFU |",
         "|---|---|---|---|---|---|---|---|---|",

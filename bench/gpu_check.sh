@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The prepared GPU check (under 10 minutes on one H100/H200): real-size random-weight models, a few
-# steps of sft (full, Qwen3-0.6B), reward (LoRA, Qwen3-0.6B) and QLoRA sft (Qwen3-8B) at seq 2048;
+# steps of sft (full, Qwen3-0.6B), reward (LoRA, Qwen3-0.6B), QLoRA sft (Qwen3-8B) at seq 2048, and PPO
+# (LoRA on the shared Qwen3-0.6B base);
 # per case the memory estimate against torch.cuda.max_memory_allocated, tokens/s and MFU.
 #   bash bench/gpu_check.sh [OUT_DIR]          then: python bench/gpu_check.py --report OUT_DIR/gpu_check.json
 # Needs a CUDA machine with the project's dependencies (make install), or wheels of them in .whl/.
