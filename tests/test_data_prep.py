@@ -298,6 +298,11 @@ def test_mixture_meets_the_weights_within_one_percent(planted):
     assert counted == m["tokens"]  # the report's counts are exact
     for name, share in (("web", 0.5), ("books", 0.25), ("code", 0.25)):
         assert abs(counted[name] - share * target) <= 0.01 * share * target, (name, counted)
+    # Another seed is another draw: the mixture is redone (not taken from the cache) and samples other documents.
+    first = sorted(r["id"] for r in _output(d / "out"))
+    _, m2 = _run(d / "in", d / "out", source=m["config"]["source"], target_tokens=target, seed=4)
+    assert [s["cached"] for s in m2["steps"] if s["enabled"]] == [True] * 6 + [False]
+    assert sorted(r["id"] for r in _output(d / "out")) != first
 
 
 def test_any_number_of_workers_gives_the_same_corpus(planted, tmp_path):
