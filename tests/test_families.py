@@ -175,7 +175,7 @@ def test_the_reward_trainer_reads_the_scores_that_score_reads(chatml_tokenizer, 
 
     from lifecycle.modeling import REWARD_HEAD, load_for_training
     from lifecycle.reward_model import score
-    from lifecycle.stages.reward import mask_read_trainer, pad_is_real, tokenize
+    from lifecycle.stages.reward import MaskReadRewardTrainer, pad_is_real, tokenize
 
     tok = chatml_tokenizer
     pairs = [{"chosen": "1 plus 2 equals 3", "rejected": "1 plus 2 equals 4 and more"},
@@ -188,8 +188,8 @@ def test_the_reward_trainer_reads_the_scores_that_score_reads(chatml_tokenizer, 
     model = load_for_training(str(family_dir("qwen3")), peft, head=REWARD_HEAD, pad_token_id=tok.pad_token_id)
     args = trl.RewardConfig(output_dir=str(tmp_path), per_device_train_batch_size=2, report_to=[], use_cpu=True, bf16=False,
                             disable_dropout=True)
-    trainer = mask_read_trainer(trl, torch)(model=model, args=args, train_dataset=Dataset.from_list(rows),
-                                            processing_class=tok)
+    trainer = MaskReadRewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
+                                     processing_class=tok)
     batch = next(iter(trainer.get_train_dataloader()))
     model.eval()
     with torch.no_grad():

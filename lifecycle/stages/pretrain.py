@@ -20,13 +20,25 @@ the same global batch would.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
+import random
 import time
 from pathlib import Path
 
-from lifecycle import checkpoints
+import torch
+import torch.distributed as dist
+from accelerate.utils import set_seed
+
+from lifecycle import artifacts, checkpoints, training
+from lifecycle.artifacts import looks_like_hub_id
 from lifecycle.config import PretrainConfig, to_dict
+from lifecycle.data import world as builtin_world
+from lifecycle.data.files import text_documents
 from lifecycle.errors import Interrupted, UsageError
+from lifecycle.generate import generate_batch
+from lifecycle.modeling import build_model, context_length, count_params, model_config
+from lifecycle.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
 from lifecycle.training import batch_indices, check_tracker, say
 
 
@@ -38,8 +50,6 @@ def pack(token_lists: list[list[int]], eos_id: int, seq_len: int):
 
     Returns (blocks, dropped): the tail shorter than one block is dropped and counted.
     """
-    import torch
-
     total = sum(len(t) + 1 for t in token_lists)
     stream = torch.empty(total, dtype=torch.long)
     i = 0
@@ -56,17 +66,11 @@ def pack(token_lists: list[list[int]], eos_id: int, seq_len: int):
 def _load_corpus(cfg: PretrainConfig) -> tuple[list[str], list[str], str]:
     """(train documents, held-out documents, description)."""
     if not cfg.data:
-        from lifecycle.data import world
-
         return (
-            world.pretrain_documents(cfg.world_documents, seed=cfg.seed),
-            world.heldout_documents(500),
+            builtin_world.pretrain_documents(cfg.world_documents, seed=cfg.seed),
+            builtin_world.heldout_documents(500),
             f"built-in addition world: {cfg.world_documents} documents, 500 held-out documents",
         )
-    import random
-
-    from lifecycle.data.files import text_documents
-
     docs = text_documents(cfg.data, cfg.text_column)
     rng = random.Random(1234)  # the held-out split must not move with --seed
     order = list(range(len(docs)))
@@ -101,8 +105,6 @@ def _preflight(cfg: PretrainConfig) -> Path | None:
         checkpoints.check_fingerprint(ck, cfg)
         return ck
     if cfg.tokenizer and not Path(cfg.tokenizer).exists():
-        from lifecycle.artifacts import looks_like_hub_id
-
         if not looks_like_hub_id(cfg.tokenizer):
             raise UsageError(f"--tokenizer {cfg.tokenizer} not found; pass a tokenizer directory or hub id, or leave it out to train one")
     return None
@@ -110,17 +112,10 @@ def _preflight(cfg: PretrainConfig) -> Path | None:
 
 def run(cfg: PretrainConfig) -> Path:
     ck = _preflight(cfg)
-    train_docs, eval_docs, about = _load_corpus(cfg)  # bad data fails here, before torch is imported
-    import torch
+    train_docs, eval_docs, about = _load_corpus(cfg)  # bad data fails here, before any weights exist
 
     if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise UsageError("mixed_precision=fp16 needs a CUDA GPU (loss scaling); on CPU use bf16 or no")
-    from accelerate.utils import set_seed
-
-    from lifecycle import artifacts, training
-    from lifecycle.generate import generate_batch
-    from lifecycle.modeling import build_model, context_length, count_params, model_config
-    from lifecycle.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
 
     out = Path(cfg.out)
     tok_dir = out / "checkpoints" / "tokenizer"
@@ -221,11 +216,9 @@ def run(cfg: PretrainConfig) -> Path:
         """
         if cfg.data:
             return None
-        from lifecycle.data import world as w
-
-        probs = w.heldout_problems()
+        probs = builtin_world.heldout_problems()
         context = "add 12 and 30 to get 42 . "
-        prompts = [context + w.TEMPLATES[i % 4].split(" {c}")[0].format(a=p.a, b=p.b) for i, p in enumerate(probs)]
+        prompts = [context + builtin_world.TEMPLATES[i % 4].split(" {c}")[0].format(a=p.a, b=p.b) for i, p in enumerate(probs)]
         outs = generate_batch(acc.unwrap_model(model), tokenizer, prompts, max_new_tokens=5)
         return sum(o.text.split()[:1] == [str(p.answer)] for p, o in zip(probs, outs)) / len(probs)
 
@@ -361,10 +354,6 @@ def _same_on_all_ranks(acc, text: str) -> None:
     """Fail loudly if ranks disagree (e.g. tokenizers trained differently)."""
     if acc.num_processes == 1:
         return
-    import hashlib
-
-    import torch.distributed as dist
-
     digests = [None] * acc.num_processes
     dist.all_gather_object(digests, hashlib.sha256(text.encode()).hexdigest())
     assert len(set(digests)) == 1, "ranks built different tokenizers; pass --tokenizer to share one"

@@ -26,11 +26,20 @@ import shutil
 import time
 from pathlib import Path
 
+import torch
+import trl
+from datasets import Dataset
+from transformers.modeling_outputs import SequenceClassifierOutput
+
 from lifecycle import artifacts, finetune
 from lifecycle.config import RewardConfig
 from lifecycle.data import formats, world
 from lifecycle.data.files import read_all
 from lifecycle.errors import UsageError
+from lifecycle.generate import generate_batch, render_prompts
+from lifecycle.modeling import REWARD_HEAD, count_params, describe_trainable, load_causal_lm, load_for_training
+from lifecycle.reward_model import encode, pairwise_accuracy, score_tokens
+from lifecycle.tokenizer import load_tokenizer
 from lifecycle.finetune import say
 
 
@@ -42,9 +51,6 @@ def user_pairs(cfg: RewardConfig) -> tuple[list[dict], list[dict]]:
 
 def world_pairs(cfg: RewardConfig, base_path: str, tokenizer) -> tuple[list[dict], list[dict]]:
     """Pairs from the policy's own samples (chosen right, rejected wrong, by the gold checker)."""
-    from lifecycle.generate import generate_batch, render_prompts
-    from lifecycle.modeling import load_causal_lm
-
     policy = load_causal_lm(base_path)
     k = cfg.world_samples
 
@@ -69,7 +75,6 @@ def world_pairs(cfg: RewardConfig, base_path: str, tokenizer) -> tuple[list[dict
 
 def tokenize(tokenizer, pairs: list[dict], max_length: int) -> tuple[list[dict], int, int]:
     """(rows with chosen_ids/rejected_ids, sequences truncated, pairs dropped as identical after truncation)."""
-    from lifecycle.reward_model import encode
 
     prompts = [p.get("prompt", "") for p in pairs]
     chosen, n1 = encode(tokenizer, prompts, [p["chosen"] for p in pairs], max_length)
@@ -78,7 +83,7 @@ def tokenize(tokenizer, pairs: list[dict], max_length: int) -> tuple[list[dict],
     return rows, n1 + n2, len(pairs) - len(rows)
 
 
-def mask_read_trainer(trl, torch):
+class MaskReadRewardTrainer(trl.RewardTrainer):
     """TRL's RewardTrainer, reading each score where `reward_model.score` reads it: the last attended token.
 
     The stock classifier finds the last token as the rightmost non-pad token,
@@ -86,26 +91,20 @@ def mask_read_trainer(trl, torch):
     tokenizers often pad with EOS, and a plain-text pair ends with EOS). Used
     only then: otherwise both read the same position and the stock path is kept.
     """
-    from transformers.modeling_outputs import SequenceClassifierOutput
 
-    from lifecycle.reward_model import score_tokens
-
-    class MaskReadRewardTrainer(trl.RewardTrainer):
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            rewards = score_tokens(model, inputs["input_ids"], inputs["attention_mask"])  # (2B,) chosen then rejected
-            chosen, rejected = torch.chunk(rewards, chunks=2)
-            loss = -torch.nn.functional.logsigmoid(chosen - rejected).mean()  # Bradley-Terry
-            if self.args.center_rewards_coefficient is not None:
-                loss = loss + self.args.center_rewards_coefficient * torch.mean((chosen + rejected) ** 2)
-            mode = "train" if self.model.training else "eval"
-            with torch.no_grad():
-                acc = self.accelerator.gather_for_metrics((chosen > rejected).float().mean()).mean().item()
-                margin = self.accelerator.gather_for_metrics((chosen - rejected).mean()).mean().item()
-            self._metrics[mode]["accuracy"].append(acc)
-            self._metrics[mode]["margin"].append(margin)
-            return (loss, SequenceClassifierOutput(loss=loss, logits=rewards[:, None])) if return_outputs else loss
-
-    return MaskReadRewardTrainer
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        rewards = score_tokens(model, inputs["input_ids"], inputs["attention_mask"])  # (2B,) chosen then rejected
+        chosen, rejected = torch.chunk(rewards, chunks=2)
+        loss = -torch.nn.functional.logsigmoid(chosen - rejected).mean()  # Bradley-Terry
+        if self.args.center_rewards_coefficient is not None:
+            loss = loss + self.args.center_rewards_coefficient * torch.mean((chosen + rejected) ** 2)
+        mode = "train" if self.model.training else "eval"
+        with torch.no_grad():
+            acc = self.accelerator.gather_for_metrics((chosen > rejected).float().mean()).mean().item()
+            margin = self.accelerator.gather_for_metrics((chosen - rejected).mean()).mean().item()
+        self._metrics[mode]["accuracy"].append(acc)
+        self._metrics[mode]["margin"].append(margin)
+        return (loss, SequenceClassifierOutput(loss=loss, logits=rewards[:, None])) if return_outputs else loss
 
 
 def pad_is_real(rows: list[dict], pad_id: int | None) -> bool:
@@ -129,13 +128,7 @@ def run(cfg: RewardConfig) -> Path:
     # 2. Pairs -------------------------------------------------------------
     finetune.quiet()
     finetune.set_threads(cfg)
-    import torch
-    import trl
-    from datasets import Dataset
 
-    from lifecycle.modeling import REWARD_HEAD, count_params, describe_trainable, load_for_training
-    from lifecycle.reward_model import pairwise_accuracy
-    from lifecycle.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(info.path)
     if builtin:
@@ -179,8 +172,7 @@ def run(cfg: RewardConfig) -> Path:
         center_rewards_coefficient=cfg.center_rewards or None,
         disable_dropout=True,
     )
-    trainer_cls = (mask_read_trainer(trl, torch) if pad_is_real(train_rows + eval_rows, tokenizer.pad_token_id)
-                   else trl.RewardTrainer)
+    trainer_cls = MaskReadRewardTrainer if pad_is_real(train_rows + eval_rows, tokenizer.pad_token_id) else trl.RewardTrainer
     trainer = trainer_cls(
         model=model,
         args=args,

@@ -21,12 +21,20 @@ import shutil
 import time
 from pathlib import Path
 
+import torch
+import trl
+from datasets import Dataset
+from transformers import TrainerCallback
+
 from lifecycle import artifacts, finetune
 from lifecycle.config import SFTConfig
 from lifecycle.data import chat as chat_templates
 from lifecycle.data import formats, world
 from lifecycle.data.files import read_all
 from lifecycle.errors import UsageError
+from lifecycle.generate import gold_accuracy
+from lifecycle.modeling import CAUSAL_HEAD, count_params, describe_trainable, load_for_training
+from lifecycle.tokenizer import load_tokenizer
 from lifecycle.finetune import say
 
 
@@ -62,9 +70,7 @@ def token_lengths(tokenizer, rows: list[dict]) -> list[int]:
 def gold_callback(tokenizer, problems: list, initial: dict):
     """At every evaluation, greedy gold accuracy on the held-out problems, into the trainer's log history
     (so OUT/log.jsonl has the curve, and a resumed run keeps the earlier points)."""
-    from transformers import TrainerCallback
 
-    from lifecycle.generate import gold_accuracy
 
     class GoldAccuracy(TrainerCallback):
         def on_evaluate(self, args, state, control, model=None, **kw):
@@ -85,8 +91,6 @@ def build_trainer(cfg: SFTConfig, model, tokenizer, train_rows: list[dict], eval
     assistant turn ourselves, through its end-of-turn marker (data/chat.py), and
     hand TRL token ids with `assistant_masks`, from which it builds the labels.
     """
-    import trl
-    from datasets import Dataset
 
     chat = formats.is_conversational(train_rows)
     messages = bool(train_rows) and "messages" in train_rows[0]
@@ -132,11 +136,7 @@ def run(cfg: SFTConfig) -> Path:
     # 2. Tokenizer ---------------------------------------------------------
     finetune.quiet()
     finetune.set_threads(cfg)
-    import torch
 
-    from lifecycle.generate import gold_accuracy
-    from lifecycle.modeling import CAUSAL_HEAD, count_params, describe_trainable, load_for_training
-    from lifecycle.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(info.path)
     chat = formats.is_conversational(train_rows)
