@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from lifecycle.config import STAGE_CONFIGS, PretrainConfig, build_config, dump_yaml, parse_set
+from lifecycle.config import STAGE_CONFIGS, DataConfig, PretrainConfig, build_config, dump_yaml, parse_set
 from lifecycle.errors import UsageError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,8 +62,11 @@ def test_parse_set_and_dump():
     assert "lr: 0.003  # Peak learning rate." in text
 
 
+RECIPE_CONFIGS = {**STAGE_CONFIGS, "data": DataConfig}  # every command a recipe file can configure
+
+
 def _stage_of(path: Path) -> str | None:
-    for stage in sorted(STAGE_CONFIGS, key=len, reverse=True):
+    for stage in sorted(RECIPE_CONFIGS, key=len, reverse=True):
         if path.stem.startswith(stage):
             return stage
     return None
@@ -75,10 +78,12 @@ STAGE_RECIPES = sorted(p for p in (ROOT / "recipes").rglob("*.yaml") if _stage_o
 @pytest.mark.parametrize("path", STAGE_RECIPES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_shipped_recipe_loads(path):
     stage = _stage_of(path)
-    cfg = build_config(STAGE_CONFIGS[stage], str(path), {"out": "/tmp/recipe-check"}, check=False)
-    # Inputs (--out, and --base/--policy/--reward that `llm run` wires from earlier stages) come from the command line.
+    cfg = build_config(RECIPE_CONFIGS[stage], str(path), {"out": "/tmp/recipe-check"}, check=False)
+    # Inputs (--out, --base/--policy/--reward that `llm run` wires from earlier stages, llm data's --source)
+    # come from the command line.
     problems = [p for p in cfg.validate()
-                if "--out" not in p and "does not exist" not in p and "not found" not in p and "is required" not in p]
+                if "--out" not in p and "does not exist" not in p and "not found" not in p and "is required" not in p
+                and "no --source" not in p]
     assert not problems, problems
 
 

@@ -251,3 +251,27 @@ def test_lora_under_16_bit_autocast_stores_the_frozen_base_in_16_bits(family_dir
     peft.mixed_precision = "no"
     model = load_for_training(str(family_dir("qwen3")), peft)
     assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
+def test_llm_run_chains_every_stage_on_a_mixture_of_experts(chatml_tokenizer, tmp_path):
+    """pretrain (from a qwen3_moe config.json) -> sft -> reward -> ppo through `llm run`."""
+    config = tmp_path / "qwen3_moe.json"
+    config.write_text(json.dumps(family_config("qwen3_moe", chatml_tokenizer).to_dict()))
+    recipe = tmp_path / "moe.yaml"
+    recipe.write_text(f"""
+stages:
+  pretrain: {{model: {config}, seq_len: 32, batch_size: 8, steps: 6, warmup_steps: 2, eval_every: 6, eval_batches: 2,
+             world_documents: 300, vocab_size: 300, save_every: 0}}
+  sft: {{steps: 4, batch_size: 8, warmup_steps: 1, eval_every: 4, world_examples: 32, eval_problems: 16, save_every: 0}}
+  reward: {{steps: 4, batch_size: 8, warmup_steps: 1, eval_every: 4, world_prompts: 32, eval_problems: 16, save_every: 0}}
+  ppo: {{steps: 2, prompts_per_rollout: 8, minibatch_size: 4, micro_batch_size: 4, ppo_epochs: 1, world_prompts: 32,
+        eval_prompts: 8, eval_every: 2, gate_samples: 8, save_every: 0}}
+""")
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "lifecycle", "run", str(recipe), "--out", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    for stage in ("pretrain", "sft", "reward", "ppo"):
+        m = json.loads((out / stage / "lifecycle.json").read_text())
+        assert m["stage"] == stage
+        assert json.loads((out / stage / "config.json").read_text())["model_type"] == "qwen3_moe"
