@@ -296,17 +296,19 @@ def _states(sh: Shape, *, head: str, method: str, lora_r: int, **kw: Any) -> dic
 
 def _activations(sh: Shape, *, b: int, s: int, method: str, regime: str, style: str, half: int, attn: str,
                  ckpt: bool, device: str, lora_r: int, lora_roles: tuple, lora_dropout: float, dropout: bool,
-                 head: str = "lm") -> dict[str, Any]:
+                 head: str = "lm", stage: str = "sft") -> dict[str, Any]:
     """The forward/backward rows of one trained model: simulated (closed form) or traced (generic)."""
     if sh.arch != "generic":
         return activation_rows(sh, b=b, s=s, method=method, regime=regime, style=style, half=half, attn=attn,
                                ckpt=ckpt, device=device, lora_r=lora_r, lora_roles=lora_roles,
-                               lora_dropout=lora_dropout, dropout=dropout, head=head)
+                               lora_dropout=lora_dropout, dropout=dropout, head=head, stage=stage)
     from lifecycle import memory_trace
 
-    d = dtypes_for(regime, style, half, method, True)
+    d = dtypes_for(regime, style, half, method, True, stage)
+    fused = stage == "sft" and head == "lm"
     st = memory_trace.Settings(head=head, method=method, pdt=d["pdt"], adt=d["adt"], half=half,
-                               autocast=d["autocast"], attn=attn, ckpt=ckpt, lora_r=lora_r, lora_dropout=lora_dropout)
+                               autocast=d["autocast"], attn=attn, ckpt=ckpt, lora_r=lora_r, lora_dropout=lora_dropout,
+                               loss="fused" if fused else "full")
     cfg = json.loads(sh.config_json)
     try:
         t = memory_trace.trace(cfg, st, b, s)
@@ -318,7 +320,7 @@ def _activations(sh: Shape, *, b: int, s: int, method: str, regime: str, style: 
         "weight_copies_bytes": t["copy"],
         "activations_bytes": t["act"],
         "logits_bytes": t["logits"] + t.get("held_logits", 0),
-        "loss_backward_bytes": 2 * 4 * b * s * sh.vocab if head == "lm" else 0,
+        "loss_backward_bytes": t["loss_backward"] if fused else (2 * 4 * b * s * sh.vocab if head == "lm" else 0),
         "recompute_bytes": recompute,
         "autocast_cache_bytes": t["cache"],
         "attn_s2": 0,
@@ -332,7 +334,7 @@ def estimate(
     *,
     stage: str = "sft",
     method: str = "full",
-    lora_r: int = 16,
+    lora_r: int = 8,
     dtype: str = "bf16",
     precision: str | None = None,
     optimizer: str = "adamw",
@@ -347,6 +349,7 @@ def estimate(
     lora_dropout: float = 0.0,
     lora_targets: Iterable[str] | None = None,
     dropout: bool = True,
+    grad_accum: int | None = None,
     gpu_memory: int | None = None,
     name: str = "model",
 ) -> Estimate:
@@ -355,17 +358,21 @@ def estimate(
     `config` is a transformers config dict (or a Shape). `device` picks the
     backend rules: "cuda" (the default; adds CUDA context/allocator overhead) or
     "cpu" (what `--measure` checks on a machine without a GPU). `gpu_memory`
-    (bytes) adds a verdict and the largest micro-batch that fits.
+    (bytes) adds a verdict and the largest micro-batch that fits. `grad_accum`: micro-batches
+    per optimizer step; 1 frees the gradients between steps (zero_grad(set_to_none=True)),
+    so the forward holds none; None (unknown) or > 1 counts them through the whole step.
     """
     validate(stage, method, dtype, precision, optimizer, grad_ckpt, attn, zero, gpus, batch_size, seq_len, lora_r,
               device, mp_style)
+    if grad_accum is not None and (not isinstance(grad_accum, int) or isinstance(grad_accum, bool) or grad_accum < 1):
+        raise UsageError(f"grad_accum {grad_accum}; must be a positive integer")
     sh = config if isinstance(config, Shape) else model_shape(config)
     if sh.sliding_window and seq_len > sh.sliding_window and not isinstance(config, Shape):
         sh = generic_shape(config)   # an explicit local-attention mask changes the kernels: trace the real module
     kw = dict(stage=stage, method=method, lora_r=lora_r, dtype=dtype, precision=precision, optimizer=optimizer,
               seq_len=seq_len, grad_ckpt=grad_ckpt, attn=attn, zero=zero, gpus=gpus, device=device, mp_style=mp_style,
               lora_dropout=lora_dropout, lora_targets=tuple(lora_targets) if lora_targets else None, dropout=dropout,
-              name=name)
+              grad_accum=grad_accum, name=name)
     if sh.arch == "gpt2" and seq_len > sh.max_positions:
         raise UsageError(f"--seq-len {seq_len} exceeds the model's n_positions={sh.max_positions} (GPT-2 has learned "
                          f"positions); pass --seq-len {sh.max_positions} or less")
@@ -398,7 +405,8 @@ def _max_batch(sh: Shape, kw: dict, limit: int) -> int:
 
 def _estimate(sh: Shape, *, stage: str, method: str, lora_r: int, dtype: str, precision: str | None, optimizer: str,
               batch_size: int, seq_len: int, grad_ckpt: str, attn: str, zero: int, gpus: int, device: str,
-              mp_style: str | None, lora_dropout: float, lora_targets: tuple | None, dropout: bool, name: str) -> Estimate:
+              mp_style: str | None, lora_dropout: float, lora_targets: tuple | None, dropout: bool, name: str,
+              grad_accum: int | None = None) -> Estimate:
     regime, style = regime_of(dtype, precision, zero, mp_style)
     half = DTYPES[dtype] if regime != "fp32" else 4
     roles_all = LORA_ROLES.get(sh.arch, ("linear",))
@@ -407,7 +415,7 @@ def _estimate(sh: Shape, *, stage: str, method: str, lora_r: int, dtype: str, pr
                     optimizer=optimizer, batch_size=batch_size, seq_len=seq_len, grad_ckpt=grad_ckpt, attn=attn,
                     zero=zero, gpus=gpus, device=device, lora_targets=list(lora_roles) if method != "full" else None)
     common = dict(method=method, regime=regime, style=style, half=half, lora_r=lora_r, lora_roles=lora_roles,
-                  device=device)
+                  device=device, stage=stage)
     act_kw = dict(attn=attn, ckpt=grad_ckpt == "full", lora_dropout=lora_dropout, dropout=dropout)
     notes = dict(ROW_NOTES)
     warnings: list[str] = []
@@ -504,8 +512,19 @@ def _estimate(sh: Shape, *, stage: str, method: str, lora_r: int, dtype: str, pr
         fwd = (rows["weight_copies_bytes"] + rows["activations_bytes"] + rows["logits_bytes"] + zero3
                + max(trans["loss_backward_bytes"], trans["recompute_bytes"], trans["autocast_cache_bytes"]))
         step = trans["optimizer_step_bytes"]
-        phase = "forward/backward" if fwd >= step else "optimizer step"
-        total = states_total + max(fwd, step)
+        # Gradients: the Trainer (sft, reward) and pretrain call zero_grad(set_to_none=True) after each step, so
+        # with one micro-batch per step (grad_accum=1) no gradient exists during the forward; backward creates
+        # them as it frees the activations, starting with the output head's at the peak. Accumulated
+        # micro-batches, PPO's minibatches and DeepSpeed's ZeRO buffers keep them all the time, and so does an
+        # estimate that is not told (grad_accum None).
+        grads = rows["grads_bytes"]
+        live = grads
+        if grad_accum == 1 and stage != "ppo" and zero == 0:
+            live = sh.vocab * sh.hidden * dtypes_for(regime, style, half, method, True, stage)["pdt"] \
+                if (method == "full" and stage != "reward") else 0
+            details["grads_at_peak_bytes"] = live
+        phase = "forward/backward" if fwd + live >= grads + step else "optimizer step"
+        total = states_total - grads + max(fwd + live, grads + step)
         if stage == "ppo":
             details["rollout_total_bytes"] = states_total + details["rollout_kv_cache_bytes"]
             if details["rollout_total_bytes"] > total:

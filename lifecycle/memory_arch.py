@@ -278,15 +278,25 @@ def regime_of(dtype: str, precision: str | None, zero: int = 0, mp_style: str | 
     return "mixed", style
 
 
-def dtypes_for(regime: str, style: str, half: int, method: str, trains: bool) -> dict[str, Any]:
+def dtypes_for(regime: str, style: str, half: int, method: str, trains: bool, stage: str = "sft") -> dict[str, Any]:
     """Bytes per element of base weights (pdt), adapters (adt), 4-bit compute (qcompute), and whether autocast runs.
 
     fp32: everything fp32. mixed/autocast: weights that train are fp32 (they are the
-    master copy) and autocast computes in 16-bit; frozen weights (LoRA/QLoRA base,
+    master copy) and autocast computes in 16-bit; frozen weights (LoRA base,
     reference and reward models) are stored in 16-bit, as loading with
     torch_dtype=bfloat16 does. mixed/master: 16-bit weights, fp32 master copy in the
     optimizer, no autocast. pure: 16-bit weights and states. LoRA adapters are fp32
     except under mixed/master (peft keeps adapters fp32 by default: autocast_adapter_dtype).
+
+    QLoRA, as the stages load it (lifecycle.modeling.load_for_training): the 4-bit
+    layers compute in bf16 (its BitsAndBytesConfig), and peft's
+    prepare_model_for_kbit_training casts every weight it did not quantize
+    (embeddings, output head, norms) to fp32, so the residual stream is fp32 too.
+    TRL's SFTTrainer and RewardTrainer then cast the trainable tensors of a
+    quantized model to bf16 (trl 1.16, trainer/sft_trainer.py and
+    reward_trainer.py: "the PEFT adapter weights are converted to bf16"); without
+    autocast (fp32) the stages keep them fp32. PPO, our own loop, keeps peft's fp32.
+    `pure` keeps its own table (16-bit weights, fp32 adapters): no stage runs it.
     """
     autocast = regime == "mixed" and style == "autocast" and trains
     full_train = method == "full" and trains
@@ -296,5 +306,10 @@ def dtypes_for(regime: str, style: str, half: int, method: str, trains: bool) ->
         pdt = 4
     else:
         pdt = half
-    return dict(pdt=pdt, adt=half if (regime == "mixed" and style == "master") else 4,
-                qcompute=4 if regime == "fp32" else half, autocast=autocast)
+    adt = half if (regime == "mixed" and style == "master") else 4
+    qcompute = 4 if regime == "fp32" else half
+    if method == "qlora" and trains and regime != "pure":
+        pdt, qcompute = 4, 2
+        if regime == "mixed" and stage in ("sft", "reward"):
+            adt = 2
+    return dict(pdt=pdt, adt=adt, qcompute=qcompute, autocast=autocast)

@@ -1,8 +1,9 @@
 """`llm estimate-memory --measure`: one real training step, counted byte by byte.
 
-Builds the model from its config with transformers (random weights; LoRA with
-peft, NF4 QLoRA with bitsandbytes, which runs on CPU too), runs one forward,
-backward and optimizer step in the chosen setting, and counts:
+Builds the model as the stage does (random weights from the config, read back
+through lifecycle.modeling.load_for_training: LoRA with peft, NF4 QLoRA with
+bitsandbytes, which runs on CPU too; sft with TRL's fused LM head), runs one
+forward (sft: SFTTrainer's loss), backward and optimizer step, and counts:
 
   params / LoRA / quantization constants: the parameter storages and the NF4 quant_state tensors
   grads:       the .grad storages after backward
@@ -45,11 +46,25 @@ COMPARED = ("params_bytes", "lora_params_bytes", "quant_constants_bytes", "grads
 
 def build(config: dict, *, stage: str, method: str, lora_r: int, dtype: str, precision: str | None, attn: str,
           grad_ckpt: str, device: str, lora_dropout: float = 0.0, lora_targets=None, seed: int = 0):
-    """The model as the estimate assumes it: returns (model, autocast dtype or None)."""
+    """The model as the stage builds it: returns (model, autocast dtype or None).
+
+    Random weights from the config are written to a temporary directory and read
+    back through the stages' own loader, `lifecycle.modeling.load_for_training`
+    (fp32 for full fine-tuning, a 16-bit frozen base under 16-bit autocast, 4-bit
+    NF4 with peft's prepare_model_for_kbit_training for QLoRA); then what the
+    stage's trainer does to it: TRL casts a quantized model's trainable tensors to
+    bf16, sft patches in TRL's fused LM head, gradient checkpointing as the
+    Trainer turns it on. `precision="pure"` (no stage runs it) casts the loaded
+    model's non-adapter weights to 16-bit afterwards.
+    """
+    import types
     import warnings
 
     import transformers
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoModelForCausalLM
+
+    from lifecycle.memory_trace import add_trl_fused_head
+    from lifecycle.modeling import CAUSAL_HEAD, REWARD_HEAD, load_for_training
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
@@ -59,46 +74,46 @@ def build(config: dict, *, stage: str, method: str, lora_r: int, dtype: str, pre
     if regime == "mixed" and style == "master":
         raise UsageError("--measure runs plain PyTorch; the fp32-master-copy layout is DeepSpeed's (drop --mp-style master)")
     half = memory.DTYPES[dtype]
-    dts = memory.dtypes_for(regime, style, half, method, True)
+    dts = memory.dtypes_for(regime, style, half, method, True, stage)
     half_t = torch.float16 if dtype == "fp16" else torch.bfloat16
-    pdt = torch.float32 if dts["pdt"] == 4 else half_t
     sh = memory.model_shape(config)
-    cls = AutoModelForSequenceClassification if stage == "reward" else AutoModelForCausalLM
-    conf = hf_config(config, attn=attn, head="score" if stage == "reward" else "lm")
-    if not getattr(cls._model_mapping[type(conf)], "_supports_sdpa", True):
+    conf = hf_config(config, attn="eager", head="lm")
+    if not getattr(AutoModelForCausalLM._model_mapping[type(conf)], "_supports_sdpa", True):
         attn = "eager"                      # as the estimate traces it (e.g. Gemma 2 has no SDPA)
-        conf._attn_implementation = attn
-    torch.manual_seed(seed)
-    if method == "qlora":
-        from transformers import BitsAndBytesConfig
-
-        qconf = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                   bnb_4bit_compute_dtype=torch.float32 if dts["qcompute"] == 4 else half_t)
-        with tempfile.TemporaryDirectory() as tmp:
-            cls.from_config(conf, dtype=pdt).save_pretrained(tmp)
-            model = cls.from_pretrained(tmp, quantization_config=qconf, dtype=pdt, device_map=device,
-                                             attn_implementation=attn)
+    conf._attn_implementation = attn
+    if sh.arch == "generic" or not lora_targets:
+        targets = "all-linear"
     else:
-        model = cls.from_config(conf, dtype=pdt).to(device)
-    if method in ("lora", "qlora"):
-        from peft import LoraConfig, get_peft_model
-
-        if sh.arch == "generic":
-            targets = "all-linear"
-        else:
-            roles = memory.LORA_ROLES[sh.arch]
-            if lora_targets:
-                roles = tuple(r for r in roles if r in lora_targets)
-            targets = sorted({LORA_MODULES[sh.arch][r] for r in roles})
-        lcfg = LoraConfig(r=lora_r, lora_alpha=2 * lora_r, lora_dropout=lora_dropout, target_modules=targets,
-                          task_type="SEQ_CLS" if stage == "reward" else "CAUSAL_LM")
-        model = get_peft_model(model, lcfg)
-        if dts["adt"] != 4:
-            for n, p in model.named_parameters():
-                if "lora_" in n:
-                    p.data = p.data.to(half_t)
+        roles = tuple(r for r in memory.LORA_ROLES[sh.arch] if r in lora_targets)
+        targets = ",".join(sorted({LORA_MODULES[sh.arch][r] for r in roles}))
+    opts = types.SimpleNamespace(lora=method == "lora", qlora=method == "qlora", dora=False, lora_r=lora_r,
+                                 lora_alpha=2 * lora_r, lora_dropout=lora_dropout, lora_target_modules=targets,
+                                 mixed_precision={2: "bf16" if dtype == "bf16" else "fp16"}.get(half, "no")
+                                 if regime == "mixed" else "no")
+    torch.manual_seed(seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        AutoModelForCausalLM.from_config(conf).save_pretrained(tmp)
+        model = load_for_training(tmp, opts, head=REWARD_HEAD if stage == "reward" else CAUSAL_HEAD,
+                                  pad_token_id=sh.vocab - 1 if stage == "reward" else None,
+                                  gradient_checkpointing=grad_ckpt == "full")
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.set_attn_implementation(attn)
+    if method != "qlora":
+        model.to(device)
+    if regime == "pure":
+        for n, p in model.named_parameters():
+            if "lora_" not in n and p.is_floating_point():
+                p.data = p.data.to(half_t)
+    if method == "qlora" and dts["adt"] == 2:   # SFTTrainer / RewardTrainer on a quantized model
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.data = p.data.to(torch.bfloat16)
     if grad_ckpt == "full":
         model.gradient_checkpointing_enable()
+        if method != "full":
+            model.enable_input_require_grads()
+    if stage == "sft":
+        add_trl_fused_head(base)
     model.train()
     return model, (half_t if dts["autocast"] else None)
 
@@ -132,7 +147,7 @@ def _tensors_in(obj: Any):
             yield from _tensors_in(v)
 
 
-def measure(config: dict, *, stage: str = "sft", method: str = "full", lora_r: int = 16, dtype: str = "bf16",
+def measure(config: dict, *, stage: str = "sft", method: str = "full", lora_r: int = 8, dtype: str = "bf16",
             precision: str | None = None, optimizer: str = "adamw", batch_size: int = 1, seq_len: int = 64,
             grad_ckpt: str = "none", attn: str = "sdpa", lora_dropout: float = 0.0, lora_targets=None,
             device: str | None = None, seed: int = 0) -> dict:
@@ -171,8 +186,12 @@ def measure(config: dict, *, stage: str = "sft", method: str = "full", lora_r: i
     ctx = torch.autocast(device, dtype=ac_dtype) if ac_dtype is not None else contextlib.nullcontext()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         with ctx:
-            out = model(**batch)
-            loss = out.loss if stage != "reward" else out.logits.float().mean()
+            if stage == "sft":   # SFTTrainer.compute_loss through the fused head: no logits
+                out = model(**batch, fused_lm_head=True)
+                loss = (-out.log_probs).sum() / out.label_mask.sum().clamp(min=1)
+            else:
+                out = model(**batch)
+                loss = out.loss if stage != "reward" else out.logits.float().mean()
 
     # ---- classify the saved storages ----
     casts: dict[int, list[torch.Tensor]] = {}
@@ -181,7 +200,8 @@ def measure(config: dict, *, stage: str = "sft", method: str = "full", lora_r: i
             casts.setdefault(p.numel() * 2, []).append(p)
     rows = dict(weight_copies_bytes=0, activations_bytes=0, logits_bytes=0)
     listing = []
-    logits_key = _storage_key(out.logits)
+    logits = getattr(out, "logits", None)
+    logits_key = _storage_key(logits) if logits is not None else None
     for key, t in saved.items():
         nbytes = t.untyped_storage().nbytes()
         kind = "logits_bytes" if key == logits_key else "activations_bytes"
@@ -195,8 +215,8 @@ def measure(config: dict, *, stage: str = "sft", method: str = "full", lora_r: i
             kind = "logits_bytes"
         rows[kind] += nbytes
         listing.append((nbytes, tuple(t.shape), str(t.dtype).replace("torch.", ""), kind))
-    if logits_key not in saved:  # held by the output object, not saved: alive until the step ends
-        rows["logits_bytes"] += out.logits.untyped_storage().nbytes()
+    if logits is not None and logits_key not in saved:  # held by the output object, not saved: alive until the step ends
+        rows["logits_bytes"] += logits.untyped_storage().nbytes()
 
     loss.backward()
     grads, seen = 0, set()

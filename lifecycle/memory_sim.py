@@ -225,6 +225,7 @@ class _Run:
     lora_dropout: float = 0.0
     head: str = "lm"          # lm | score
     dropout: bool = True      # apply the config's dropout probabilities (train mode)
+    loss: str = "full"        # full: the model's logits and cross-entropy | fused: TRL's chunked LM head (sft)
 
 
 def _sdpa_backend(run: _Run, dt: int, p: float, groups: int) -> str:
@@ -297,8 +298,8 @@ class _Model:
         self.embed = _param(sh.vocab * sh.hidden, run.pdt, base_t)
         self.pos = _param(sh.max_positions * sh.hidden, run.pdt, base_t) if sh.arch == "gpt2" else None
         self.final_norm = _param(sh.hidden, run.pdt, base_t)
-        if run.head == "score":
-            self.head = _param(sh.hidden, run.pdt, True)
+        if run.head == "score":   # trained in full, or peft's trainable copy in the adapters' dtype
+            self.head = _param(sh.hidden, run.pdt if base_t else run.adt, True)
         else:
             self.head = self.embed if sh.tied else _param(sh.vocab * sh.hidden, run.pdt, base_t)
 
@@ -410,6 +411,61 @@ def _gelu(g: _Graph, run: _Run, x: _T) -> _T:
     return g.unary_saves_input(x)                                  # F.gelu (exact or tanh): keeps its input
 
 
+# TRL's fused LM head (trl 1.16: trl/trainer/utils.py `add_fused_lm_head`, trl/kernels/chunked_logprob.py
+# `ChunkedLogProbFunction`). SFTTrainer patches the model so that its loss never builds the (tokens, vocab)
+# logits: the head projects TOKEN_CHUNK_SIZE tokens x CHUNK_VOCAB vocabulary entries at a time into one
+# reused buffer, folds each tile into an online log-sum-exp, and recomputes the tiles in backward.
+TRL_TOKEN_CHUNK = 4096     # chunked_logprob.TOKEN_CHUNK_SIZE
+TRL_CHUNK_VOCAB = 32768    # trainer/utils.py _CHUNKED_LOGPROB_CHUNK_SIZE (the buffer is this wide at any vocabulary)
+
+
+def _fused_head(g: _Graph, run: _Run, y: _T, w: _T) -> int:
+    """Save what the fused head keeps for backward; return its backward transient in bytes.
+
+    N = b·(s-1) positions are scored (every next-token label; a completion-only loss
+    scores fewer on CUDA, so this is the upper bound). The function keeps its input
+    hidden states (one copy of N x h in their own dtype), the N target ids (int64),
+    log Z and the entropy (fp32 each); the head weight is a parameter. On CUDA
+    (Triton) only labelled positions are gathered (`hidden[mask]`: the bool mask is
+    kept, once, by the gather and by masked_scatter); on the CPU every position is
+    scored, `hidden[:, :-1].reshape(-1, h)` (a copy unless b = 1, where it is the
+    hidden states themselves), and two masked_fill keep a bool mask each. Both
+    loss divisions (the model's and SFTTrainer's) keep a 0-dim int64 count.
+    Backward: fp32 grad of the hidden states, the (chunk x vocab-chunk) tile, the
+    casts of a hidden chunk and a weight chunk to the compute dtype, and, for a
+    trainable head that is not fp32, its fp32 gradient accumulator.
+    """
+    sh, b, s = run.sh, run.b, run.s
+    h, n = sh.hidden, b * (s - 1)
+    cdt = g.half if g.autocast else y.dt
+    if y.grad or w.trainable:
+        if g.device == "cuda":
+            g.save(g.new(b * (s - 1), 1, False), "misc")      # the label mask (bool)
+            g.save(g.new(n * h, y.dt, False), "act")           # hidden[mask]
+        else:
+            g.save(y if b == 1 else g.new(n * h, y.dt, False), "act")
+            g.save(g.new(n, 1, False), "misc")                 # ~mask, for log_probs
+            g.save(g.new(n, 1, False), "misc")                 # ~mask, for the entropy
+        g.save(g.new(n, 8, False), "misc")                     # target ids
+        g.save(g.new(n, 4, False), "misc")                     # log Z
+        g.save(g.new(n, 4, False), "misc")                     # entropy
+        g.save(g.new(1, 8, False), "misc")                     # the model's loss divisor
+        g.save(g.new(1, 8, False), "misc")                     # SFTTrainer's loss divisor
+    return fused_head_backward_bytes(n, h, sh.vocab, y.dt, w.dt, cdt, w.trainable)
+
+
+def fused_head_backward_bytes(n: int, h: int, vocab: int, hdt: int, wdt: int, cdt: int, head_trains: bool) -> int:
+    """The backward transient of TRL's fused head over n scored positions (bytes; dtypes in bytes per element)."""
+    rows = min(n, TRL_TOKEN_CHUNK)
+    temp = 4 * n * h + rows * TRL_CHUNK_VOCAB * cdt                   # grad_hidden (fp32), the tile buffer
+    temp += rows * h * cdt if hdt != cdt else 0                       # hidden chunk in the compute dtype
+    temp += min(vocab, TRL_CHUNK_VOCAB) * h * cdt if wdt != cdt else 0   # weight chunk in the compute dtype
+    temp += n * h * hdt if hdt != 4 else 0                            # grad_hidden.to(hidden.dtype)
+    if head_trains and wdt != 4:
+        temp += vocab * h * (4 + wdt)                                 # fp32 accumulator, then its cast
+    return temp
+
+
 def _forward(run: _Run, sim_layers: int = 2) -> dict[str, Any]:
     """Simulate one training forward; returns bytes per category, extrapolated to all layers."""
     sh, b, s = run.sh, run.b, run.s
@@ -457,6 +513,7 @@ def _forward(run: _Run, sim_layers: int = 2) -> dict[str, Any]:
     else:
         y = g.rmsnorm(x, M.final_norm, h)
     held = 0
+    loss_backward = 2 * 4 * tok * sh.vocab if run.head == "lm" else 0   # grads of the fp32 log-probs and the logits
     if run.head == "score":
         logits = g.linear(y, M.head, h, 1)
         held = b * logits.dt                # the pooled (last-token) scores the output holds
@@ -464,6 +521,8 @@ def _forward(run: _Run, sim_layers: int = 2) -> dict[str, Any]:
         if logits.grad:
             g.save(g.new(b, 8, False))      # logits[arange(b), last_index]: both index tensors
             g.save(g.new(b, 8, False))
+    elif run.loss == "fused":
+        loss_backward = _fused_head(g, run, y, M.head)
     else:
         logits = g.linear(y, M.head, h, sh.vocab)
         held = logits.st.nbytes             # CausalLMOutput.logits, alive while the output is
@@ -479,6 +538,7 @@ def _forward(run: _Run, sim_layers: int = 2) -> dict[str, Any]:
         for k, v in per_layer[-1].items():
             tot[k] = tot.get(k, 0) + extra * v
     tot["held_logits"] = held
+    tot["loss_backward"] = loss_backward
     tot["recompute"] = recompute
     tot["saved_copies"] = tot.get("copy", 0)
     return tot
@@ -486,13 +546,17 @@ def _forward(run: _Run, sim_layers: int = 2) -> dict[str, Any]:
 
 def activation_rows(sh: Shape, *, b: int, s: int, method: str, regime: str, style: str, half: int, attn: str,
                      ckpt: bool, device: str, lora_r: int, lora_roles: tuple, lora_dropout: float, dropout: bool,
-                     head: str = "lm") -> dict[str, int]:
-    """The forward/backward rows of one trained model (bytes): saved tensors by category plus the transients."""
-    d = dtypes_for(regime, style, half, method, True)
+                     head: str = "lm", stage: str = "sft") -> dict[str, int]:
+    """The forward/backward rows of one trained model (bytes): saved tensors by category plus the transients.
+
+    `stage` picks the loss: sft runs TRL's fused LM head (no logits), pretrain and PPO's actor
+    the model's own logits and cross-entropy, reward and the critic a score head."""
+    d = dtypes_for(regime, style, half, method, True, stage)
     run = _Run(sh=sh, b=b, s=s, attn=attn, ckpt=ckpt, device=device, autocast=d["autocast"], half=half, pdt=d["pdt"],
                adt=d["adt"], qcompute=d["qcompute"], trainable_base=(method == "full"),
                quant=(method == "qlora"), lora_roles=lora_roles if method != "full" else (), lora_r=lora_r,
-               lora_dropout=lora_dropout, head=head, dropout=dropout)
+               lora_dropout=lora_dropout, head=head, dropout=dropout,
+               loss="fused" if (stage == "sft" and head == "lm") else "full")
     t = _forward(run)
     act = t.get("act", 0) + t.get("attn_s2", 0) + t.get("lora", 0) + t.get("misc", 0)
     logits_held = t["held_logits"]
@@ -500,7 +564,7 @@ def activation_rows(sh: Shape, *, b: int, s: int, method: str, regime: str, styl
         "weight_copies_bytes": t.get("copy", 0),
         "activations_bytes": act,
         "logits_bytes": t.get("logits", 0) + logits_held,
-        "loss_backward_bytes": 2 * 4 * b * s * sh.vocab if head == "lm" else 0,
+        "loss_backward_bytes": t["loss_backward"],
         "recompute_bytes": t["recompute"],
         "autocast_cache_bytes": max(0, t.get("cache", 0) - t.get("copy", 0)) if run.autocast else 0,
         "attn_s2": t.get("attn_s2", 0),

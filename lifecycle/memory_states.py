@@ -48,9 +48,10 @@ def optimizer_state_bytes(specs: list[tuple[int, int, int, int]], optimizer: str
 
 
 def model_states(sh: Shape, table: list[ParamSpec], generic_lora: list[ParamSpec], *, method: str, regime: str,
-                 style: str, half: int, optimizer: str, lora_r: int, lora_roles: tuple, device: str, trains: bool) -> dict[str, int]:
+                 style: str, half: int, optimizer: str, lora_r: int, lora_roles: tuple, device: str, trains: bool,
+                 stage: str = "sft") -> dict[str, int]:
     """Bytes of weights, adapters, quantization constants, master copy, grads and optimizer state."""
-    d = dtypes_for(regime, style, half, method, trains)
+    d = dtypes_for(regime, style, half, method, trains, stage)
     pdt, qcompute, adt = d["pdt"], d["qcompute"], d["adt"]
     full = method == "full"
     quant = method == "qlora"
@@ -74,8 +75,10 @@ def model_states(sh: Shape, table: list[ParamSpec], generic_lora: list[ParamSpec
         if trains and full:
             trainable.append((p.numel, p.rows, p.cols, pdt))
         elif trains and p.kind == "score":
-            rows["params_bytes"] += b       # peft modules_to_save: a trainable copy next to the original
-            trainable.append((p.numel, p.rows, p.cols, pdt))
+            # peft modules_to_save: a trainable copy next to the original, in the adapters' dtype
+            # (load_for_training makes it fp32 like them; TRL casts a quantized model's to bf16)
+            rows["params_bytes"] += p.numel * adt
+            trainable.append((p.numel, p.rows, p.cols, adt))
         if p.role in lora_roles and p.kind == "linear" and not full and sh.arch != "generic":
             fan_in, fan_out = (p.rows, p.cols) if sh.arch == "gpt2" else (p.cols, p.rows)   # Conv1D is (in, out)
             for n, r, c in ((fan_in * lora_r, lora_r, fan_in), (lora_r * fan_out, fan_out, lora_r)):

@@ -36,10 +36,14 @@ Assumptions, stated where they differ from a real step:
     not depend on how tokens are routed (uniform or not). The fallback kernel
     is traced (the fused one needs a GPU); its per-expert offsets (a few bytes)
     are kept out of autograd's saved tensors and not counted.
-  - QLoRA: activations are traced with LoRA on a 16-bit frozen base (4-bit
-    kernels cannot run on fake tensors); 4-bit layers save only their packed
-    weight, a parameter, so the difference is the 16-bit weight each frozen
-    linear would save for the input gradient (none: a parameter is not counted).
+  - QLoRA: activations are traced with LoRA on 16-bit frozen linear layers (4-bit
+    kernels cannot run on fake tensors) and every other weight in fp32, as
+    peft's prepare_model_for_kbit_training leaves them; 4-bit layers save only
+    their packed weight, a parameter, like a frozen 16-bit one. A real 4-bit
+    layer returns its input's dtype (fp32 here), a 16-bit one bf16, so the
+    traced MLP intermediates are half their real size.
+  - sft: TRL's SFTTrainer computes its loss through the fused chunked LM head
+    (`add_fused_lm_head`), which is what is traced for that stage: no logits.
 """
 
 from __future__ import annotations
@@ -242,6 +246,7 @@ class Settings:
     ckpt: bool
     lora_r: int
     lora_dropout: float
+    loss: str = "full"   # full: the model's logits and cross-entropy | fused: TRL's chunked LM head (sft)
 
 
 def _apply_lora(model, st: Settings, head: str):
@@ -284,6 +289,14 @@ def _rehome(model, mode: FakeTensorMode) -> None:
                     store[k] = torch.nn.Parameter(new, requires_grad=t.requires_grad) if store is m._parameters else new
 
 
+def add_trl_fused_head(model) -> None:
+    """Patch `model` as TRL's SFTTrainer does (trl 1.16, trainer/sft_trainer.py): its loss comes from the
+    chunked log-prob head (trl/kernels/chunked_logprob.py) instead of the full logits."""
+    from trl.trainer.utils import add_fused_lm_head
+
+    add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))
+
+
 def _trace_once(cfg: dict, st: Settings, b: int, s: int, per_layer: bool = False) -> dict:
     mode = FakeTensorMode()
     model, impl = build_fake(cfg, head=st.head, attn=st.attn, pdt=st.pdt, mode=mode)
@@ -291,6 +304,11 @@ def _trace_once(cfg: dict, st: Settings, b: int, s: int, per_layer: bool = False
         if st.method != "full":
             for p in model.parameters():
                 p.requires_grad_(False)
+            if st.method == "qlora":   # 4-bit layers read as 16-bit ones; everything else stays fp32 (st.pdt)
+                head = _output_head(model)
+                for m in model.modules():
+                    if _is_linear(m) and m is not head:
+                        m.weight.data = m.weight.data.to(HALF[st.half])
             model = _apply_lora(model, st, st.head)
             _rehome(model, mode)
             if st.head == "score":
@@ -326,19 +344,37 @@ def _trace_once(cfg: dict, st: Settings, b: int, s: int, per_layer: bool = False
                 hooks += [layer.register_forward_pre_hook(pre), layer.register_forward_hook(post)]
         ids = torch.zeros(b, s, dtype=torch.long)
         batch = dict(input_ids=ids) if st.head == "score" else dict(input_ids=ids, labels=ids)
+        fused = st.loss == "fused" and st.head == "lm"
+        hidden: list[torch.Tensor] = []
+        if fused:
+            base = model.get_base_model() if hasattr(model, "get_base_model") else model
+            add_trl_fused_head(base)
+            batch["fused_lm_head"] = True
+            hooks.append(base.base_model.register_forward_hook(lambda m, a, o: hidden.append(o.last_hidden_state)))
         casts = _Casts(pkeys)
         ac = torch.autocast("cpu", dtype=HALF[st.half]) if st.autocast else contextlib.nullcontext()
         try:
             with casts, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), ac:
                 out = model(**batch)
+                if fused:   # SFTTrainer.compute_loss: the summed negative log-probs over the labelled tokens
+                    (-out.log_probs).sum() / out.label_mask.sum().clamp(min=1)
         except Exception as e:  # noqa: BLE001 - any failure of a foreign forward means: cannot trace
             raise CannotTrace(f"its forward does not run on fake tensors: {type(e).__name__}: "
                               f"{str(e).splitlines()[0][:160] if str(e) else ''}") from None
         finally:
             for h in hooks:
                 h.remove()
-        logits_key = _key(out.logits)
         rows = dict(copy=0, act=0, logits=0)
+        if fused:
+            from lifecycle.memory_sim import fused_head_backward_bytes
+
+            w = model.get_output_embeddings().weight
+            y = hidden[-1]
+            cdt = HALF[st.half] if st.autocast else y.dtype
+            rows["loss_backward"] = fused_head_backward_bytes(
+                b * (s - 1), y.shape[-1], vocab, y.element_size(), w.element_size(),
+                torch.empty(0, dtype=cdt).element_size(), w.requires_grad)
+        logits_key = _key(out.logits) if not fused else None
         for k, t in saved.items():
             nbytes = t.untyped_storage().nbytes()
             if k in casts.copies and t.dtype in (torch.bfloat16, torch.float16):
@@ -347,7 +383,7 @@ def _trace_once(cfg: dict, st: Settings, b: int, s: int, per_layer: bool = False
                 rows["logits"] += nbytes
             else:
                 rows["act"] += nbytes
-        if logits_key not in saved:
+        if not fused and logits_key not in saved:
             rows["held_logits"] = out.logits.untyped_storage().nbytes()
         cache = sum(t.untyped_storage().nbytes() for k, (t, (_, trains)) in casts.copies.items()
                     if trains and k not in saved)
@@ -369,7 +405,7 @@ def trace(cfg: dict, st: Settings, b: int, s: int, per_layer: bool = False) -> d
         return _trace_cached(key, st, b, s, per_layer)
     r1, r2 = _trace_cached(key, st, 1, s, per_layer), _trace_cached(key, st, 2, s, per_layer)
     out = dict(r2)
-    for k in ("copy", "act", "logits", "held_logits", "cache"):
+    for k in ("copy", "act", "logits", "held_logits", "cache", "loss_backward"):
         if k in r1 or k in r2:
             a, c = r1.get(k, 0), r2.get(k, 0)
             out[k] = a + (b - 1) * (c - a)

@@ -86,9 +86,10 @@ def test_more_settings_match_measurement(mm, arch, kw):
 
 def test_gpt2_124m_saved_tensors_dwarf_the_per_layer_formula():
     """The issue's observation: GPT-2 124M, batch 1 x 512 under autocast keeps ~1.0-1.1 GB of saved tensors
-    (logits and weight copies included), far above the 0.35 GB the per-layer 34*s*b*h formula gives."""
+    (logits and weight copies included), far above the 0.35 GB the per-layer 34*s*b*h formula gives.
+    A step with the model's own logits and cross-entropy: pretrain (sft's fused head keeps no logits)."""
     cfg, _ = memory.load_model_config("gpt2")
-    est = memory.estimate(cfg, batch_size=1, seq_len=512, device="cpu")
+    est = memory.estimate(cfg, stage="pretrain", batch_size=1, seq_len=512, device="cpu")
     saved = est["weight_copies_bytes"] + est["activations_bytes"] + est["logits_bytes"]
     assert 1.0 * GB <= saved <= 1.25 * GB
     formula = memory.korthikanti_layer_bytes(512, 1, 768, 12) * 12   # 34sbh + 5as^2b per layer, 12 layers
@@ -109,7 +110,7 @@ def test_mixed_precision_adam_is_2_2_12_bytes_per_parameter():
     assert est["master_bytes"] + est["optimizer_bytes"] == 12 * psi
     assert est["master_bytes"] == 4 * psi
     # autocast keeps the same 16 bytes as 4 + 4 + 8 (fp32 weights are the master copy), plus 2-byte copies
-    auto = memory.estimate(cfg, dtype="bf16")
+    auto = memory.estimate(cfg, dtype="bf16", stage="pretrain")
     assert (auto["params_bytes"], auto["grads_bytes"], auto["optimizer_bytes"]) == (4 * psi, 4 * psi, 8 * psi)
     assert auto["weight_copies_bytes"] == 2 * (psi - 32000 * 4096 - 4096 * 65)   # every matrix but the embedding
     fp32 = memory.estimate(cfg, dtype="fp32")
@@ -150,12 +151,18 @@ def test_nf4_with_double_quantization_is_4_127_bits_per_weight():
     packed, consts = memory.nf4_bytes(n)
     assert 8 * (packed + consts) / n == pytest.approx(4 + 8 / 64 + 32 / (64 * 256), abs=1e-3)
     cfg, _ = memory.load_model_config("llama-2-7b")
+    # As the stages load it (measured on CPU through modeling.load_for_training, tests below): peft's
+    # prepare_model_for_kbit_training leaves the unquantized norms, embeddings and head in fp32, and TRL's
+    # SFTTrainer casts the adapters of a quantized model to bf16; PPO (our loop) keeps peft's fp32 adapters.
     est = memory.estimate(cfg, method="qlora", lora_r=64)
     linear = memory.PUBLISHED_PARAMS["llama-2-7b"] - 2 * 32000 * 4096 - 65 * 4096
-    assert est["params_bytes"] == linear // 2 + (2 * 32000 * 4096 + 65 * 4096) * 2   # norms, embeddings, head in bf16
-    assert est["lora_params_bytes"] == 4 * 64 * 32 * (3 * (4096 + 4096) + (4096 + 4096) + 3 * (4096 + 11008))
+    assert est["params_bytes"] == linear // 2 + (2 * 32000 * 4096 + 65 * 4096) * 4   # norms, embeddings, head in fp32
+    adapters = 64 * 32 * (3 * (4096 + 4096) + (4096 + 4096) + 3 * (4096 + 11008))
+    assert est["lora_params_bytes"] == 2 * adapters
     assert est["grads_bytes"] == est["lora_params_bytes"]
     assert est["optimizer_bytes"] == 2 * est["lora_params_bytes"]
+    ppo = memory.estimate(cfg, stage="ppo", method="qlora", lora_r=64)
+    assert ppo.roles[0]["role"] == "actor" and ppo["lora_params_bytes"] >= 4 * adapters
 
 
 def test_8bit_adam_state():
@@ -209,7 +216,8 @@ def test_documented_llama_layer_formulas():
     assert per_layer() == (base["mixed"], 2 * (2 * h * q + 2 * h * k + 3 * h * i))
     assert per_layer(precision="pure")[0] == base["pure"]
     assert per_layer(method="lora")[0] == t * (18 * h + 6 * q + 4 * k + 8 * i + 14 * r + 8 + 4 * a)
-    assert per_layer(method="qlora")[0] == t * (12 * h + 4 * q + 4 * k + 8 * i + 14 * r + 8 + 4 * a)
+    # QLoRA as loaded (fp32 norms and embeddings: an fp32 residual; 4-bit layers return their input's dtype)
+    assert per_layer(method="qlora")[0] == t * (18 * h + 4 * q + 4 * k + 14 * i + 14 * r + 8 + 4 * a)
     assert per_layer(attn="eager")[0] == base["mixed"] + t * (4 * q - 4 * k - 4 * a) + 6 * b * a * s * s
     assert per_layer(attn="eager", precision="pure")[0] == base["pure"] + t * (4 * q - 4 * k - 4 * a) + 6 * b * a * s * s
     assert per_layer(attn="eager", dtype="fp32")[0] == base["fp32"] + t * (8 * q - 8 * k - 4 * a) + 4 * b * a * s * s
@@ -231,8 +239,9 @@ def test_checkpointing_keeps_layer_inputs_plus_one_layer():
 
 
 def test_logits_and_fp32_upcast_dominate_with_a_big_vocabulary():
+    """Our own loops (pretrain, PPO's actor) keep the model's logits and the loss's fp32 log-softmax."""
     cfg, _ = memory.load_model_config("llama-3-8b")
-    est = memory.estimate(cfg, batch_size=1, seq_len=8192, grad_ckpt="full")
+    est = memory.estimate(cfg, stage="pretrain", batch_size=1, seq_len=8192, grad_ckpt="full")
     bsv = 8192 * 128256
     assert est["logits_bytes"] == bsv * (2 + 4)        # bf16 logits held + fp32 log-softmax saved
     assert est["loss_backward_bytes"] == 2 * 4 * bsv
