@@ -392,3 +392,70 @@ def test_cli_bad_input_is_one_error_line(tmp_path, args, expect):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and expect in lines[0], r.stderr
     assert "Traceback" not in r.stderr + r.stdout
+
+
+# ---------------------------------------------------------------------------
+# what the stages run: sft's fused LM head, QLoRA as loaded, gradients between steps
+# ---------------------------------------------------------------------------
+def test_sft_runs_trls_fused_head_without_logits():
+    """TRL 1.16's SFTTrainer scores tokens through a chunked head (add_fused_lm_head): no (tokens x vocab)
+    logits. It keeps the N = b(s-1) hidden states (fp32 here: the residual under autocast), the label mask,
+    target ids, log Z and entropy; backward needs an fp32 grad of the hidden states, one 4096 x 32768 bf16
+    tile and bf16 chunks of the hidden states and the fp32 head weight. Pretrain keeps the full logits."""
+    cfg, _ = memory.load_model_config("llama-3-8b")
+    h, v, b, s = 4096, 128256, 2, 4096
+    n, t = b * (s - 1), b * s
+    kw = dict(batch_size=b, seq_len=s, grad_ckpt="full")
+    sft, pre = memory.estimate(cfg, stage="sft", **kw), memory.estimate(cfg, stage="pretrain", **kw)
+    assert sft["logits_bytes"] == 0
+    assert sft["loss_backward_bytes"] == 4 * n * h + 4096 * 32768 * 2 + 4096 * h * 2 + 32768 * h * 2
+    assert pre["logits_bytes"] == t * v * (2 + 4) and pre["loss_backward_bytes"] == 8 * t * v
+    # the head's saved tensors replace the LM head's bf16 input copy, the shifted labels and nll's weight
+    fused = n * h * 4 + n * (1 + 8 + 4 + 4) + 16
+    assert sft["activations_bytes"] - pre["activations_bytes"] == fused - (t * h * 2 + 8 * t + 4)
+    # the head's bf16 weight copy is no longer kept by autocast: TRL casts one vocabulary chunk at a time
+    assert pre["weight_copies_bytes"] - sft["weight_copies_bytes"] == 2 * v * h
+    lora = [memory.estimate(cfg, stage=st, method="lora", **kw).total_bytes for st in ("sft", "pretrain")]
+    assert lora[0] < lora[1]
+
+
+def test_qlora_states_as_the_loader_leaves_them():
+    """peft's prepare_model_for_kbit_training: every unquantized weight fp32 (and so an fp32 residual);
+    TRL's trainers cast a quantized model's adapters to bf16 (reward too), PPO keeps fp32."""
+    cfg, _ = memory.load_model_config("qwen3-8b")
+    h, v, L = 4096, 151936, 36
+    est = memory.estimate(cfg, method="qlora", grad_ckpt="full", batch_size=4, seq_len=2048)
+    unquantized = 2 * v * h + (2 * L + 1) * h + 2 * L * 128     # embeddings, head, norms, q/k norms
+    linear = memory.count_params(cfg) - unquantized
+    assert est["params_bytes"] == linear // 2 + 4 * unquantized
+    assert est["activations_bytes"] >= L * 4 * 4 * 2048 * h          # fp32 layer inputs under checkpointing
+    reward = memory.estimate(cfg, stage="reward", method="qlora", batch_size=1, seq_len=512)
+    assert reward["lora_params_bytes"] == est["lora_params_bytes"]
+
+
+def test_gradients_freed_between_steps_with_one_micro_batch():
+    """zero_grad(set_to_none=True) after each step: with grad_accum=1 the forward holds no gradient and backward
+    starts with the output head's; unknown (None) or accumulated micro-batches keep them all."""
+    cfg, _ = memory.load_model_config("qwen3-0.6b")
+    kw = dict(stage="sft", batch_size=4, seq_len=2048, device="cpu")
+    keep, one, accum = (memory.estimate(cfg, grad_accum=g, **kw) for g in (None, 1, 4))
+    assert keep.total_bytes == accum.total_bytes
+    assert keep.total_bytes - one.total_bytes == keep["grads_bytes"] - 151936 * 1024 * 4   # tied head, fp32
+    assert one.details["grads_at_peak_bytes"] == 151936 * 1024 * 4
+    with pytest.raises(UsageError, match="grad_accum"):
+        memory.estimate(cfg, grad_accum=0)
+
+
+def test_measure_builds_through_the_stage_loader(mm, monkeypatch):
+    """--measure reads the model back through lifecycle.modeling.load_for_training (issue 18: the estimate and the
+    measurement must not share a dtype table), and sft's step goes through TRL's fused head: no logits."""
+    from lifecycle import modeling
+
+    calls = []
+    real = modeling.load_for_training
+    monkeypatch.setattr(modeling, "load_for_training", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    meas = mm.measure(LLAMA, device="cpu", stage="sft", method="qlora", lora_r=4, batch_size=2, seq_len=24)
+    assert len(calls) == 1 and calls[0].qlora and calls[0].mixed_precision == "bf16"
+    assert meas["rows"]["logits_bytes"] == 0
+    big = [s for s in meas["saved"] if s[1] and s[1][-1] == LLAMA["vocab_size"]]
+    assert big == []

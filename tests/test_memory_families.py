@@ -77,6 +77,8 @@ def test_estimate_agrees_with_one_measured_step(mm, family_dir, family):
 
 @pytest.mark.parametrize("family,kw", [
     ("qwen3", dict(method="lora")),                       # closed form with QK-norm, adapters on all seven projections
+    ("qwen3", dict(method="qlora", grad_ckpt="full")),    # as the stage loads it: 4-bit, fp32 norms/embeddings, bf16 adapters
+    ("llama", dict(method="qlora", batch_size=1)),        # b = 1: the fused head keeps the hidden states themselves
     ("mixtral", dict(method="lora")),                     # peft's all-linear also wraps the experts' 3-D weights
     ("gemma2", dict(method="lora", grad_ckpt="full")),    # no SDPA in transformers: eager attention, checkpointed
     ("phi3", dict(stage="reward")),                       # score head, chosen + rejected in one forward
