@@ -206,6 +206,8 @@ def _regime_label(regime: str, style: str, dtype: str, method: str = "full") -> 
     if regime == "pure":
         return (f"pure {dtype} (16-bit frozen base, fp32 adapters as peft keeps them)" if adapters else
                 f"pure {dtype} (16-bit weights and optimizer states, no master copy)")
+    if style == "autocast" and method == "qlora":
+        return f"mixed {dtype} (autocast; 4-bit base with fp32 norms, embeddings and head, as peft prepares it)"
     if style == "autocast":
         return (f"mixed {dtype} (autocast; frozen base in {dtype}, fp32 adapters)" if adapters else
                 f"mixed {dtype} (autocast: fp32 weights and grads, 16-bit compute copies)")
@@ -543,6 +545,9 @@ def _estimate(sh: Shape, *, stage: str, method: str, lora_r: int, dtype: str, pr
             if attn == "sdpa":
                 warnings.append("SDPA falls back to its math kernel here (fp32 with GQA on CUDA, or attention dropout "
                                 "on CPU) and keeps s x s matrices")
+        if stage == "sft":
+            notes["loss_backward_bytes"] = ("transient: backward of TRL's fused LM head (fp32 grad of the hidden "
+                                            "states, one 4096 x 32768 logits tile, chunk casts); sft keeps no logits")
         if stage == "reward":
             notes["logits_bytes"] = "pooled reward scores held by the output"
             warnings.append("reward: chosen and rejected run in one forward, so activations are for 2 x batch")
