@@ -61,6 +61,8 @@ def field_option(f: dataclasses.Field, typ: Any) -> Any:
     Cached per field, so a field that several configs inherit from one group
     (PeftCommon.lora_r in sft, reward and ppo) is one flag definition.
     """
+    if f.metadata.get("argument"):  # a positional argument (`llm sweep STAGE`)
+        return typer.Argument(field_default(f), help=f.metadata.get("help", ""), show_default=False)
     name = flag_name(f)
     names = [f"{name}/--no-{name[2:]}"] if typ is bool else [name]
     return typer.Option(field_default(f), *names, help=f.metadata.get("help", ""))
@@ -147,6 +149,18 @@ def estimate_memory(cfg: EstimateMemoryConfig) -> None:
 
 
 app.command("estimate-memory")(config_command(EstimateMemoryConfig, estimate_memory, recipe=False))
+
+
+def sweep(cfg: Any) -> None:
+    """`llm sweep STAGE --space SPACE.yaml --out DIR` (Optuna, and torch in the trials, from here on)."""
+    from lifecycle.sweep import run as run_sweep
+
+    run_sweep(cfg)
+
+
+from lifecycle.config import SweepConfig  # noqa: E402  (beside its command; the other configs are imported above)
+
+app.command("sweep")(config_command(SweepConfig, sweep, recipe=False))
 
 
 @app.command()

@@ -174,6 +174,10 @@ def attach_progress(trainer, cfg: Any = None) -> None:
             cb.logging_dir = str(tensorboard_dir(out) / stage)
     if cfg is not None:
         trainer.add_callback(_fingerprint_class()(cfg))
+    from lifecycle import sweep
+
+    if sweep.active():  # `llm sweep` only: periodic held-out metrics go to the trial's pruner
+        trainer.add_callback(_sweep_report_class()())
 
 
 def _fingerprint_class():
@@ -191,6 +195,29 @@ def _fingerprint_class():
                 checkpoints.write_fingerprint(ck, self.cfg)
 
     return _Fingerprint
+
+
+def _sweep_report_class():
+    from transformers import TrainerCallback
+
+    class _SweepReport(TrainerCallback):
+        """Hands each periodic evaluation's metrics to `sweep.report_eval`, at the start of the next step:
+        by then every callback has added its own (sft's gold accuracy) to the log history."""
+
+        pending: int | None = None
+
+        def on_evaluate(self, args, state, control, **kw):
+            self.pending = state.global_step
+
+        def on_step_begin(self, args, state, control, **kw):
+            from lifecycle import sweep
+
+            step, self.pending = self.pending, None
+            if step:
+                metrics = {k: v for e in state.log_history if e.get("step") == step for k, v in e.items()}
+                sweep.report_eval(step, state.max_steps, metrics)
+
+    return _SweepReport
 
 
 def _progress_class():

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from accelerate.utils import set_seed
 
-from lifecycle import artifacts, checkpoints, training
+from lifecycle import artifacts, checkpoints, sweep, training
 from lifecycle.artifacts import looks_like_hub_id
 from lifecycle.config import PretrainConfig, to_dict
 from lifecycle.data import world as builtin_world
@@ -302,6 +302,9 @@ def run(cfg: PretrainConfig) -> Path:
                 say(f"step {step}: held-out loss {eval_loss:.4f} (ppl {math.exp(eval_loss):.2f}){shown} | sample: {sample!r}")
                 log.log(step, eval_loss=eval_loss, eval_ppl=math.exp(eval_loss), sample=sample,
                         **({"heldout_completion_accuracy": correct} if correct is not None else {}))
+                # `llm sweep` only: the trial's pruner may stop this run here (a no-op otherwise).
+                sweep.report_eval(step, total, {"eval_loss": eval_loss, "eval_ppl": math.exp(eval_loss),
+                                                **({"heldout_completion_accuracy": correct} if correct is not None else {})})
             ck_state = {"tokens_seen": tokens_seen, "eval_loss_initial": eval_initial, "train_seconds": train_time,
                         "fingerprint": recipe}
             if stop.requested:
