@@ -135,6 +135,10 @@ def check_memory(cfg: Any, model: Any, stage: str, *, batch_size: int | None = N
         kw["lora_r"] = cfg.lora_r
     if getattr(cfg, "gradient_checkpointing", False):
         kw["grad_ckpt"] = "full"
+    if stage in ("pretrain", "sft", "reward"):  # these free gradients between steps (zero_grad(set_to_none=True))
+        kw["grad_accum"] = cfg.grad_accum
+    if method != "full":
+        kw["lora_dropout"] = getattr(cfg, "lora_dropout", 0.0)
     if seq_len is None:
         seq_len = getattr(cfg, "seq_len", None) or cfg.max_length
     return memory.check_fits(model, stage=stage, method=method, batch_size=batch_size or cfg.batch_size,
