@@ -372,7 +372,8 @@ class PPOConfig(PeftCommon, ChatFormat, TrainCommon):
     normalize_reward: bool = opt(True, "Divide scores by the first rollout's std after subtracting its mean, then hold both fixed.")
     # --- KL penalty ---
     kl_coef: float = opt(0.15, "β: per-token penalty -β·(log π - log π_ref). The study's safe value; 0.05 got the reward model hacked.")
-    kl_estimator: str = opt("k1", "Per-token KL estimator in the reward: k1 (log-ratio, unbiased), k2 (½ log-ratio², never negative) or k3 (unbiased, never negative).")
+    kl_estimator: str = opt("k1", "Per-token KL estimator: k1 (log-ratio), k2 (½ log-ratio²) or k3 ((ρ-1) - log ρ, GRPO's). In the reward only k1 gives KL's gradient (k2/k3 estimate its value, not its gradient: Tang & Munos 2025); with kl_in_loss use k3 or k2.")
+    kl_in_loss: bool = opt(False, "Put β·KL in the actor's loss (differentiated, as GRPO does) instead of in the reward; needs kl_estimator k3 (gradient of KL(π_ref‖π)) or k2 (gradient of KL(π‖π_ref)).")
     adaptive_kl: bool = opt(False, "Adapt β towards kl_target (Ziegler et al. 2019) instead of holding it fixed.")
     kl_target: float = opt(1.0, "Adaptive KL: target KL per response, in nats.")
     kl_horizon: int = opt(10000, "Adaptive KL: horizon in episodes (β moves by at most 20% × episodes / horizon per rollout).")
@@ -380,8 +381,12 @@ class PPOConfig(PeftCommon, ChatFormat, TrainCommon):
     ppo_epochs: int = opt(4, "Passes over each rollout batch.")
     minibatch_size: int = opt(64, "Episodes per optimizer step, over all processes (prompts_per_rollout / minibatch_size minibatches per epoch).")
     micro_batch_size: int = opt(64, "Episodes per forward/backward on one process; gradients of a minibatch accumulate over its micro-batches.")
-    lr: float = opt(5e-5, "Actor learning rate (Adam, constant).")
-    critic_lr: float = opt(3e-4, "Critic learning rate (Adam, constant).")
+    rollout_micro_batch_size: int = opt(0, "Episodes per chunk of a rollout on one process: generation and the actor, reference, critic and reward passes run this many at a time (0: the whole rollout batch at once).")
+    gradient_checkpointing: bool = opt(False, "Recompute actor and critic activations in backward to save memory (their dropout is set to 0 and they stay in train mode).")
+    lr: float = opt(5e-5, "Actor learning rate (AdamW; scaled by lr_scheduler).")
+    critic_lr: float = opt(3e-4, "Critic learning rate (AdamW; scaled by lr_scheduler).")
+    lr_scheduler: str = opt("constant", "constant | linear | cosine: the learning-rate multiplier of actor and critic over PPO iterations (decaying towards 0 at the last).")
+    warmup_steps: int = opt(0, "Linear learning-rate warmup over this many PPO iterations.")
     weight_decay: float = opt(0.0, "AdamW weight decay for actor and critic.")
     grad_clip: float = opt(1.0, "Clip each model's gradient norm to this value (0 disables).")
     clip_range: float = opt(0.2, "ε of the clipped surrogate: ratios outside [1-ε, 1+ε] get no gradient.")
@@ -437,6 +442,13 @@ class PPOConfig(PeftCommon, ChatFormat, TrainCommon):
             p.append(f"kl_coef={self.kl_coef}; must be >= 0")
         if self.kl_estimator not in ("k1", "k2", "k3"):
             p.append(f"kl_estimator={self.kl_estimator!r}; expected k1, k2 or k3")
+        elif self.kl_in_loss and self.kl_estimator == "k1":
+            p.append("kl_in_loss with kl_estimator=k1: its expected gradient is 0; set kl_estimator=k3 (as GRPO) or k2")
+        if self.lr_scheduler not in ("constant", "linear", "cosine"):
+            p.append(f"lr_scheduler={self.lr_scheduler!r}; expected constant, linear or cosine")
+        for name in ("warmup_steps", "rollout_micro_batch_size"):
+            if getattr(self, name) < 0:
+                p.append(f"{name}={getattr(self, name)}; must be >= 0")
         if self.adaptive_kl and self.kl_target <= 0:
             p.append(f"kl_target={self.kl_target}; must be > 0 with adaptive_kl")
         if not 0 <= self.gamma <= 1 or not 0 <= self.lam <= 1:

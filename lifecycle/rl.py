@@ -22,6 +22,10 @@ References
   eq. 2: RM score minus β·log(π/π_ref)).
 - [k3] Schulman 2020, "Approximating KL Divergence",
   http://joschu.net/blog/kl-approx.html (the k1, k2, k3 estimators).
+- [GRPO] Shao et al. 2024, "DeepSeekMath: Pushing the Limits of Mathematical
+  Reasoning in Open Language Models", arXiv:2402.03300 (k3 as a loss term, eq. 4).
+- [Tang & Munos] Tang, Munos 2025, "On a few pitfalls in KL divergence gradient
+  estimation for RL" (which gradient each estimator gives).
 """
 
 from __future__ import annotations
@@ -101,6 +105,9 @@ def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature
     returns (B, T) log-probabilities under softmax(logits / temperature), the
     distribution the tokens were sampled from.
     """
+    # gather accepts an index smaller than its input and would quietly read the wrong positions
+    if logits.shape[:-1] != tokens.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} do not match the tokens {tuple(tokens.shape)} they score")
     logp = F.log_softmax(logits.float() / temperature, dim=-1)
     return torch.gather(logp, -1, tokens.unsqueeze(-1)).squeeze(-1)
 
@@ -175,7 +182,9 @@ def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k1
       k2 = (log r)^2 / 2         (biased, low variance, never negative)
       k3 = (r - 1) - log r       (unbiased, never negative)
     All three have expectation ≈ KL when π and π_ref are close; k1 and k3 are
-    exactly unbiased. The sequence KL is the sum over the response tokens.
+    exactly unbiased *in value*. The sequence KL is the sum over the response tokens.
+    Their gradients differ: as a reward, only k1's policy gradient is ∇KL(π||π_ref);
+    see `kl_loss` for each one as a loss term.
     """
     log_r = ref_logp - logp
     if estimator == "k1":
@@ -185,6 +194,22 @@ def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k1
     if estimator == "k3":
         return torch.expm1(log_r) - log_r
     raise ValueError(f"unknown KL estimator {estimator!r}; expected k1, k2 or k3")
+
+
+def kl_loss(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
+    """KL to the reference as a loss term, E_t[k(a_t)] over the response tokens, differentiated through logp
+    (GRPO's form, Shao et al. 2024, eq. 4, with k3). For tokens a ~ π the expected gradients are
+    (Tang & Munos 2025, "On a few pitfalls in KL divergence gradient estimation for RL"):
+
+      k3 = ρ - 1 - log ρ (ρ = π_ref/π):  ∇k3 = (1 - ρ) ∇log π,  E_π = ∇KL(π_ref || π)   (the reverse KL)
+      k2 = ½ (log π - log π_ref)²:     ∇k2 = log(π/π_ref) ∇log π,  E_π = ∇KL(π || π_ref)
+      k1 = log π - log π_ref:          ∇k1 = ∇log π,                E_π = 0  (no regularisation at all)
+
+    so k1 is refused here. As a *reward* (`kl_shaped_rewards`) only k1 gives KL(π||π_ref)'s policy gradient.
+    """
+    if estimator == "k1":
+        raise ValueError("k1 as a loss term has zero expected gradient; use k3 (GRPO) or k2")
+    return masked_mean(kl_estimate(logp, ref_logp, estimator), mask)
 
 
 def kl_shaped_rewards(

@@ -13,6 +13,7 @@ when the reward model is itself a LoRA adapter over the policy's weights.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -26,6 +27,7 @@ from safetensors.torch import load_file
 
 from lifecycle.artifacts import REWARD_MODEL, Artifact, artifact_digest, atomic_write_json, check_artifact
 from lifecycle.config import PPOConfig
+from lifecycle.data.chat import end_of_turn_ids
 from lifecycle.errors import UsageError
 from lifecycle.modeling import (REWARD_HEAD, count_params, describe_trainable, load_causal_lm, load_for_training,
                                 lora_config, merge_adapter)
@@ -41,7 +43,19 @@ def response_logits(model, r: Rollout) -> torch.Tensor:
     T = r.response_ids.shape[1]
     # Only the last T+1 positions go through the output layer (the prompt's own predictions are never used).
     out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False, logits_to_keep=T + 1)
-    return out.logits[:, :-1]
+    return keep_last(out.logits, T + 1, ids.shape[1])[:, :-1]
+
+
+def keep_last(logits: torch.Tensor, k: int, length: int) -> torch.Tensor:
+    """The last k positions of (B, L', V) logits asked for with logits_to_keep=k. A model that ignores
+    logits_to_keep returns all `length` positions: those are cut here, so no later gather reads the wrong ones.
+    Any other length is a model that answered something else, and stops the run."""
+    n = logits.shape[1]
+    if n == length and n != k:
+        logits = logits[:, -k:]
+    if logits.shape[1] != k:
+        raise RuntimeError(f"the model returned logits for {n} positions; asked for the last {k} of {length}")
+    return logits
 
 
 def _body(model):
@@ -79,6 +93,7 @@ class Roles:
         self.tok, self.reward_tok, self.same_tok, self.critic_source = tok, reward_tok, same_tok, critic_source
         self.trained = [actor, critic]  # the modules Accelerate wraps (DDP)
         self.reads_rollout_ids = False  # see `check_reading`
+        self.autocast = contextlib.nullcontext  # the accelerator's autocast after `prepare`: every pass of every role
 
     # -- setup -----------------------------------------------------------------
     def actor_params(self) -> list:
@@ -87,25 +102,50 @@ class Roles:
     def critic_params(self) -> list:
         return [p for p in self.critic.parameters() if p.requires_grad]
 
-    def prepare(self, acc, opt_actor, opt_critic):
-        """Wrap the trained modules (DDP across processes), move the frozen ones; returns the optimizers."""
-        self.actor, self.critic, opt_actor, opt_critic = acc.prepare(self.actor, self.critic, opt_actor, opt_critic)
+    def prepare(self, acc, opt):
+        """Wrap the trained modules (DDP across processes), move the frozen ones; returns the optimizer.
+
+        Every forward pass of every role, with or without gradients, then runs under the accelerator's autocast
+        (`self.autocast`), so one role computes at one precision: under bf16 the reference equals the actor and
+        the rollout's log-probs equal the first update's (KL 0, ratio 1 at the start), as in fp32."""
+        self.actor, self.critic, opt = acc.prepare(self.actor, self.critic, opt)
         self.trained = [self.actor, self.critic]
         for m in (self.ref, self.reward):
             if m is not None:
                 m.to(acc.device)
         self.actor_u, self.critic_u = acc.unwrap_model(self.actor), acc.unwrap_model(self.critic)
-        return opt_actor, opt_critic
+        self.autocast = acc.autocast
+        return opt
+
+    def trained_models(self) -> list:
+        """The unwrapped models whose weights train (for gradient checkpointing and dropout)."""
+        return [self.actor_u, self.critic_u.model]
+
+    def enable_gradient_checkpointing(self) -> str:
+        """Recompute activations in backward for actor and critic. Transformers checkpoints only in training mode,
+        so the trained models go to train mode with every dropout probability set to 0 (as TRL does): the passes
+        stay deterministic and the first ratio stays 1. Generation switches to eval mode on its own."""
+        for m in self.trained_models():
+            base = m.get_base_model() if hasattr(m, "get_base_model") else m
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(base, "enable_input_require_grads"):
+                base.enable_input_require_grads()  # frozen embeddings (LoRA): checkpointed blocks still get a grad path
+            disable_dropout(m)
+            m.train()
+        return "gradient checkpointing: on for actor and critic (train mode, dropout off)"
 
     def describe(self) -> str:
         return f"actor: {describe_trainable(self.actor)} | critic from {self.critic_source}: {describe_trainable(self.critic)}"
 
     # -- sampling --------------------------------------------------------------------
-    def sample(self, prompts: list[str], cfg: PPOConfig, stop: list[int], greedy: bool = False) -> list[Sample]:
-        """One response per rendered prompt from the actor: softmax(logits / T), cut at the first stop id."""
-        return generate_batch(self.generation_model(), self.tok, prompts, max_new_tokens=cfg.max_new_tokens,
-                              temperature=0.0 if greedy else cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                              batch_size=max(len(prompts), 1), stop=stop)
+    def sample(self, prompts: list[str], cfg: PPOConfig, stop: list[int], greedy: bool = False,
+               batch_size: int = 0) -> list[Sample]:
+        """One response per rendered prompt from the actor: softmax(logits / T), cut at the first stop id;
+        `batch_size` prompts at a time (0: all at once)."""
+        with self.autocast():
+            return generate_batch(self.generation_model(), self.tok, prompts, max_new_tokens=cfg.max_new_tokens,
+                                  temperature=0.0 if greedy else cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                                  batch_size=batch_size or max(len(prompts), 1), stop=stop)
 
     def to_rollout(self, prompts: list[str], samples: list[Sample], device) -> Rollout:
         """Prompt (left-padded) and response (right-padded) tensors of a list of samples; the rest zeros."""
@@ -130,25 +170,30 @@ class Roles:
 
     def logits(self, r: Rollout) -> torch.Tensor:
         """Actor logits at the response positions, (B, T, V); no DDP wrapper (no-grad passes)."""
-        return response_logits(self.actor_u, r)
+        with self.autocast():
+            return response_logits(self.actor_u, r)
 
     def ref_logits(self, r: Rollout) -> torch.Tensor:
-        if self.ref is not None:
-            return response_logits(self.ref, r)
-        with self.actor_u.disable_adapter():  # the reference is the base under the actor's adapter
-            return response_logits(self.actor_u, r)
+        with self.autocast():
+            if self.ref is not None:
+                return response_logits(self.ref, r)
+            with self.actor_u.disable_adapter():  # the reference is the base under the actor's adapter
+                return response_logits(self.actor_u, r)
 
     def values(self, r: Rollout) -> torch.Tensor:
         """(B, T) V(s_t) at the response positions."""
-        return r.at_responses(self.critic_u(*r.model_inputs()))
+        with self.autocast():
+            return r.at_responses(self.critic_u(*r.model_inputs()))
 
     def train_forward(self, u: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits (B, T, V), values (B, T)) through the wrapped modules, for one backward of both losses."""
-        return response_logits(self.actor, u), u.at_responses(self.critic(*u.model_inputs()))
+        with self.autocast():
+            return response_logits(self.actor, u), u.at_responses(self.critic(*u.model_inputs()))
 
     def scores(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Reward-model scores (B,) of token ids in the reward model's vocabulary, read at each row's last real token."""
-        return score_tokens(self.reward, ids, mask)
+        with self.autocast():
+            return score_tokens(self.reward, ids, mask)
 
     # -- the reward model reads what `llm reward` trained it on --------------------------------
     def check_reading(self, prompt, stop: list[int]) -> bool:
@@ -167,10 +212,13 @@ class Roles:
         """(B,) the reward model's score of each prompt + response, read where `llm reward` reads it: at the end of
         the conversation rendered by the reward tokenizer's chat template. The rollout's own ids when they are that
         rendering (`check_reading`); otherwise the response text goes over and is rendered with the reward's template."""
-        if self.reads_rollout_ids:
+        if self.reads_rollout_ids:  # a response cut at max_new_tokens has no stop id: the reward model sees it open
             ids, mask, _ = r.model_inputs()
             return self.scores(ids, mask)
         seqs, _ = encode(self.reward_tok, raw_prompts, [s.text for s in samples])
+        # encode closes every turn with its end marker; a response that never ended must not look finished: the
+        # marker goes, and the score is read at the response's last token, as with the rollout's own ids.
+        seqs = [open_turn(q, self.reward_tok) if not s.ended else q for q, s in zip(seqs, samples)]
         ids, mask = pad_batch(seqs, self.reward_tok.pad_token_id, "right")
         return self.scores(ids.to(r.response_ids.device), mask.to(r.response_ids.device))
 
@@ -192,6 +240,28 @@ class Roles:
             seqcls = merge_adapter(self.critic_source, str(tmp / "critic_adapter"), head=REWARD_HEAD,
                                    pad_token_id=self.tok.pad_token_id)
         return actor, seqcls, extra
+
+
+def open_turn(ids: list[int], tok) -> list[int]:
+    """A rendered conversation without the end-of-turn marker(s) that close its last turn."""
+    ends = set(end_of_turn_ids(tok)) | ({tok.eos_token_id} if tok.eos_token_id is not None else set())
+    k = len(ids)
+    while k > 1 and ids[k - 1] in ends:
+        k -= 1
+    return ids[:k]
+
+
+def disable_dropout(model) -> None:
+    """Every dropout probability of a model set to 0: its Dropout modules and its config's *dropout* fields
+    (attention dropout is often applied functionally from the config)."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+        conf = getattr(m, "config", None)
+        if conf is not None and hasattr(conf, "to_dict"):
+            for k, v in conf.to_dict().items():
+                if ("dropout" in k or k.endswith("pdrop")) and isinstance(v, float):
+                    setattr(conf, k, 0.0)
 
 
 class SharedBase(torch.nn.Module):
@@ -237,6 +307,7 @@ class SharedRoles(Roles):
         self.ref = self.reward = None
         self.reads_rollout_ids = False
         self.trained = [self.shared]
+        self.autocast = contextlib.nullcontext
 
     def use(self, name: str) -> None:
         self.module.use(name)
@@ -252,10 +323,14 @@ class SharedRoles(Roles):
         return [p for n, p in self.module.peft.named_parameters() if ".lora_" in n and ".critic" in n] + \
             list(self.module.value_head.parameters())
 
-    def prepare(self, acc, opt_actor, opt_critic):
-        self.shared, opt_actor, opt_critic = acc.prepare(self.module, opt_actor, opt_critic)
+    def prepare(self, acc, opt):
+        self.shared, opt = acc.prepare(self.module, opt)
         self.trained = [self.shared]
-        return opt_actor, opt_critic
+        self.autocast = acc.autocast
+        return opt
+
+    def trained_models(self) -> list:
+        return [self.module.peft]
 
     def describe(self) -> str:
         _, total = count_params(self.module.peft.get_base_model())
@@ -270,29 +345,34 @@ class SharedRoles(Roles):
 
     def logits(self, r: Rollout) -> torch.Tensor:
         self.use("actor")
-        return response_logits(self.module.peft, r)
+        with self.autocast():
+            return response_logits(self.module.peft, r)
 
     def ref_logits(self, r: Rollout) -> torch.Tensor:
-        with self.module.peft.disable_adapter():
+        with self.autocast(), self.module.peft.disable_adapter():
             return response_logits(self.module.peft, r)
 
     def values(self, r: Rollout) -> torch.Tensor:
         ids, mask, pos = r.model_inputs()
         self.use("critic")
-        return r.at_responses(self.module.value_head(self.hidden(ids, mask, pos)).squeeze(-1).float())
+        with self.autocast():
+            return r.at_responses(self.module.value_head(self.hidden(ids, mask, pos)).squeeze(-1).float())
 
     def train_forward(self, u: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
         ids, mask, pos = u.model_inputs()
-        logits, values = self.shared(ids, mask, pos, u.response_ids.shape[1] + 1)
-        return logits[:, :-1], u.at_responses(values)
+        T = u.response_ids.shape[1]
+        with self.autocast():
+            logits, values = self.shared(ids, mask, pos, T + 1)
+        return keep_last(logits, T + 1, ids.shape[1])[:, :-1], u.at_responses(values)
 
     def scores(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         self.use("reward")
         mask = mask.long()
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        h = self.hidden(ids, mask, pos)  # (B, L, H)
-        last = (torch.arange(mask.shape[1], device=mask.device) * mask).argmax(-1)  # (B,) last real token
-        return self.module.reward_head(h[torch.arange(h.shape[0], device=h.device), last]).squeeze(-1).float()
+        with self.autocast():
+            h = self.hidden(ids, mask, pos)  # (B, L, H)
+            last = (torch.arange(mask.shape[1], device=mask.device) * mask).argmax(-1)  # (B,) last real token
+            return self.module.reward_head(h[torch.arange(h.shape[0], device=h.device), last]).squeeze(-1).float()
 
     # -- output ---------------------------------------------------------------------------
     def digest_models(self) -> tuple:

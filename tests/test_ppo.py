@@ -384,3 +384,173 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_base, tiny_reward, tm
     cks = sorted((out / "checkpoints").glob("step-*"))
     assert cks and (cks[-1] / "state.json").is_file()
     assert not (out / "lifecycle.json").exists()  # no artifact from an interrupted run
+
+
+# ---------------------------------------------------------------------------
+# The update loop on a model small enough to reason about: logits from a (T, V) table, values from a (T,) vector
+# ---------------------------------------------------------------------------
+class _Table:
+    """Stands in for `Roles` in ppo_update: the actor's logits at response position t are w[t], the critic's value c[t]."""
+
+    def __init__(self, T: int = 3, V: int = 5, seed: int = 0):
+        import torch
+
+        class M(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                g = torch.Generator().manual_seed(seed)
+                self.w = torch.nn.Parameter(torch.randn(T, V, generator=g))
+                self.c = torch.nn.Parameter(torch.zeros(T))
+
+        self.module = M()
+        self.trained = [self.module]
+
+    def actor_params(self):
+        return [self.module.w]
+
+    def critic_params(self):
+        return [self.module.c]
+
+    def prepare(self, acc, opt):
+        self.module, opt = acc.prepare(self.module, opt)
+        self.trained = [self.module]
+        return opt
+
+    def train_forward(self, u):
+        b = u.response_ids.shape[0]
+        return self.module.w.unsqueeze(0).expand(b, -1, -1), self.module.c.unsqueeze(0).expand(b, -1)
+
+
+def _table_rollout(roles: _Table, lengths=(3, 1, 2, 3, 1, 2, 3, 2), seed: int = 1):
+    """A rollout whose old log-probs and values are the table's own (ratio 1 at the start), with random advantages."""
+    import torch
+
+    from lifecycle import rl
+    from lifecycle.rl import Rollout
+
+    g = torch.Generator().manual_seed(seed)
+    B, (T, V) = len(lengths), roles.module.w.shape
+    mask = torch.tensor([[1.0] * n + [0.0] * (T - n) for n in lengths])
+    ids = torch.randint(0, V, (B, T), generator=g)
+    r = Rollout.sampled(torch.ones(B, 1, dtype=torch.long), torch.ones(B, 1, dtype=torch.long), ids, mask,
+                        torch.ones(B, dtype=torch.bool))
+    with torch.no_grad():
+        logits, v = roles.train_forward(r)
+        r.logprobs = rl.logprobs_from_logits(logits, ids) * mask
+    r.values = v.detach() * mask
+    r.ref_logprobs = torch.log_softmax(torch.randn(B, T, V, generator=g), -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1) * mask
+    r.advantages = torch.randn(B, T, generator=g) * mask
+    r.returns = torch.randn(B, T, generator=g) * mask
+    return r
+
+
+def _update(cfg_kw: dict, micro: int, MB: int = 8, scaler=None, seed: int = 0):
+    """One ppo_update from a fresh table; returns (the table, stats, updates, stopped, optimizer)."""
+    import torch
+    from accelerate import Accelerator
+
+    from lifecycle.stages import ppo
+
+    cfg = dataclasses.replace(PPOConfig(), **{"ppo_epochs": 1, "lr": 0.05, "critic_lr": 0.05, **cfg_kw})
+    acc = Accelerator(cpu=True)
+    acc.scaler = scaler  # fp16's loss scaling, on the CPU: the prepared optimizer takes it from here
+    roles = _Table(seed=seed)
+    r = _table_rollout(roles)
+    opt = roles.prepare(acc, ppo.make_optimizer(roles, cfg))
+    torch.manual_seed(0)  # the minibatch permutation
+    stats, n, stopped = ppo.ppo_update(roles, r, opt, acc, cfg, MB, micro, kl_coef=cfg.kl_coef)
+    return roles, r, stats, n, stopped, opt
+
+
+def test_micro_batches_weigh_by_tokens():
+    """The minibatch loss is a token mean: 8 micro-batches of 1 episode (lengths 1-3) give the gradient of one batch of 8."""
+    import torch
+
+    whole, _, s1, _, _, _ = _update({}, micro=8)
+    split, _, s2, _, _, _ = _update({}, micro=1)
+    for a, b in ((whole.module.w, split.module.w), (whole.module.c, split.module.c)):
+        assert torch.allclose(a, b, atol=1e-6), (a - b).abs().max()
+    for k in ("policy_loss", "value_loss", "grad_norm", "critic_grad_norm"):
+        assert s1[k].item() == pytest.approx(s2[k].item(), rel=1e-5), k
+
+
+def test_one_optimizer_under_a_loss_scaler_gives_the_unscaled_update():
+    """fp16's path: the GradScaler scales the loss; gradients are unscaled once, each group clipped on its own, one
+    scaler update per step. The update equals the unscaled one exactly (the scale is a power of 2)."""
+    import torch
+
+    plain, _, s1, n1, _, _ = _update({"ppo_epochs": 2, "grad_clip": 0.05}, micro=2, MB=4)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    scaled, _, s2, n2, _, opt = _update({"ppo_epochs": 2, "grad_clip": 0.05}, micro=2, MB=4, scaler=scaler)
+    assert n1 == n2 == 4 and opt.scaler is scaler
+    assert torch.equal(plain.module.w, scaled.module.w) and torch.equal(plain.module.c, scaled.module.c)
+    assert s1["grad_norm"].item() == s2["grad_norm"].item() and s1["critic_grad_norm"].item() == s2["critic_grad_norm"].item()
+    assert s2["grad_norm"].item() / 4 > 0.05  # the actor's norm was above the clip: clipping was exercised
+    assert scaler._growth_tracker == n2 and scaler.get_scale() == 2.0**10  # one update() per step, no overflow
+
+
+def test_early_stop_on_approximate_kl():
+    """The first minibatch starts at ratio 1 (approx KL 0) and steps; the next one exceeds target_kl: it is skipped,
+    its gradients dropped, and the remaining epochs too."""
+    roles, _, stats, n, stopped, _ = _update({"ppo_epochs": 3, "target_kl": 1e-9}, micro=4, MB=4)
+    assert (n, stopped) == (1, True)
+    assert stats["approx_kl"].item() == 0.0  # only the first minibatch's stats are counted
+    assert all(p.grad is None for p in roles.module.parameters())
+    _, _, _, n, stopped, _ = _update({"ppo_epochs": 3, "target_kl": 10.0}, micro=4, MB=4)
+    assert (n, stopped) == (6, False)
+
+
+def _table_entropy(roles, r):
+    import torch
+
+    from lifecycle import rl
+
+    with torch.no_grad():
+        logits, _ = roles.train_forward(r)
+        return rl.masked_mean(rl.entropy_from_logits(logits), r.response_mask).item()
+
+
+def test_entropy_bonus_raises_entropy_and_kl_in_loss_pulls_towards_the_reference():
+    """With zero advantages the only actor gradient is the extra term: entropy_coef > 0 must raise the entropy (a
+    flipped sign lowers it); kl_in_loss must lower the KL to the reference."""
+    import torch
+    from accelerate import Accelerator
+
+    from lifecycle import rl
+    from lifecycle.stages import ppo
+
+    def run(kw):
+        cfg = dataclasses.replace(PPOConfig(), ppo_epochs=5, lr=0.05, critic_lr=0.05, **kw)
+        roles = _Table()
+        rr = _table_rollout(roles)
+        rr.advantages.zero_()
+        acc = Accelerator(cpu=True)
+        opt = roles.prepare(acc, ppo.make_optimizer(roles, cfg))
+        torch.manual_seed(0)
+        ppo.ppo_update(roles, rr, opt, acc, cfg, 8, 8, kl_coef=cfg.kl_coef)
+        return roles, rr
+
+    before = _Table()
+    r0 = _table_rollout(before)
+    h0 = _table_entropy(before, r0)
+    roles, rr = run({"entropy_coef": 0.5})
+    assert _table_entropy(roles, rr) > h0 + 0.01
+    roles, rr = run({"entropy_coef": 0.0})
+    assert _table_entropy(roles, rr) == pytest.approx(h0, abs=1e-6)  # nothing else moves it
+    kl0 = rl.kl_loss(r0.logprobs, r0.ref_logprobs, r0.response_mask, "k3").item()
+    roles, rr = run({"kl_in_loss": True, "kl_estimator": "k3", "kl_coef": 1.0})
+    with torch.no_grad():
+        logp = rl.logprobs_from_logits(roles.train_forward(rr)[0], rr.response_ids)
+    assert rl.kl_loss(logp, rr.ref_logprobs, rr.response_mask, "k3").item() < kl0 - 0.01
+
+
+def test_lr_schedule_by_hand():
+    from lifecycle.stages import ppo
+
+    c = dataclasses.replace(PPOConfig(), max_steps=10, warmup_steps=2, lr_scheduler="linear")
+    # warmup (i+1)/2 for i < 2; then 1 - (i-2)/8
+    assert [ppo.lr_factor(i, c) for i in (0, 1, 2, 6, 9)] == pytest.approx([0.5, 1.0, 1.0, 0.5, 0.125])
+    c = dataclasses.replace(c, lr_scheduler="cosine")  # (1 + cos(π (i-2)/8)) / 2: i=6 -> 0.5, i=4 -> (1+cos(π/4))/2
+    assert [ppo.lr_factor(i, c) for i in (2, 4, 6)] == pytest.approx([1.0, (1 + 2**-0.5) / 2, 0.5])
+    c = dataclasses.replace(c, lr_scheduler="constant", warmup_steps=0)
+    assert {ppo.lr_factor(i, c) for i in range(10)} == {1.0}

@@ -139,3 +139,43 @@ def test_explained_variance_and_text_stats():
     assert rl.distinct_n([[1]], 2) == 1.0
     assert rl.pearson([1, 2, 3], [2, 4, 6]) == pytest.approx(1.0)
     assert rl.pearson([1, 2, 3], [1, 1, 1]) == 0.0
+
+
+def test_logprobs_refuse_logits_that_do_not_match_the_tokens():
+    """gather accepts a smaller index than its input: logits for more positions than tokens would be read silently."""
+    with pytest.raises(ValueError, match="do not match"):
+        rl.logprobs_from_logits(torch.zeros(2, 5, 7), torch.zeros(2, 4, dtype=torch.long))
+
+
+def _expected_kl_loss_gradient(z: torch.Tensor, ref: torch.Tensor, estimator: str) -> torch.Tensor:
+    """E_{a~π}[∇_z k(a)] with π = softmax(z) held fixed as the sampling distribution, summed exactly over actions."""
+    V = z.shape[0]
+    p = torch.softmax(z, 0).detach()
+    g = torch.zeros(V)
+    for a in range(V):
+        zz = z.detach().clone().requires_grad_(True)
+        logp = torch.log_softmax(zz, 0)[a].view(1, 1)
+        rl.kl_loss(logp, ref[a].view(1, 1), torch.ones(1, 1), estimator).backward()
+        g += p[a] * zz.grad
+    return g
+
+
+def test_kl_loss_gradients_are_the_kls_they_claim():
+    """Tang & Munos 2025: in the loss, k3 gives ∇KL(π_ref||π), k2 gives ∇KL(π||π_ref), k1 nothing (refused).
+    Checked exactly: the π-weighted sum of per-action gradients against autograd of the closed-form KLs."""
+    z = torch.tensor([0.3, -1.2, 0.8, 0.0])
+    ref = torch.log_softmax(torch.tensor([1.0, 0.2, -0.5, 0.4]), 0)
+    zz = z.clone().requires_grad_(True)
+    logp = torch.log_softmax(zz, 0)
+    forward = (logp.exp() * (logp - ref)).sum()  # KL(π || π_ref)
+    reverse = (ref.exp() * (ref - logp)).sum()  # KL(π_ref || π)
+    g_fwd, = torch.autograd.grad(forward, zz, retain_graph=True)
+    g_rev, = torch.autograd.grad(reverse, zz)
+    assert torch.allclose(_expected_kl_loss_gradient(z, ref, "k3"), g_rev, atol=1e-6)
+    assert torch.allclose(_expected_kl_loss_gradient(z, ref, "k2"), g_fwd, atol=1e-6)
+    assert not torch.allclose(g_fwd, g_rev, atol=1e-3)  # the two really differ here
+    with pytest.raises(ValueError, match="zero expected gradient"):
+        rl.kl_loss(logp.view(1, 4), ref.view(1, 4), torch.ones(1, 4), "k1")
+    # its value: the masked token mean of the estimator
+    lp, rf, m = t([-1.0, -2.0]), t([-1.5, -2.0]), t([1.0, 0.0])
+    assert rl.kl_loss(lp, rf, m, "k2").item() == pytest.approx(0.5 * 0.5**2)

@@ -28,6 +28,7 @@ requests) are reduced across processes so that all of them take the same path.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import tempfile
 import time
@@ -153,17 +154,28 @@ def rollout(roles: Roles, raw: list, prompts: list[str], cfg: PPOConfig, stop: l
             reward_fn: RewardFn | None) -> tuple[Rollout, list[Sample], torch.Tensor, float]:
     """Sample, then fill in log π_old, log π_ref, V_old and the raw scores. Returns (rollout, samples,
     mean entropy, seconds spent sampling)."""
+    B = len(prompts)
+    chunk = cfg.rollout_micro_batch_size if 0 < cfg.rollout_micro_batch_size < B else max(B, 1)
     t0 = time.perf_counter()
-    samples = roles.sample(prompts, cfg, stop)  # batched, KV cache; cut at the first stop id
+    samples = roles.sample(prompts, cfg, stop, batch_size=chunk)  # batched, KV cache; cut at the first stop id
     t_gen = time.perf_counter() - t0
     r = roles.to_rollout(prompts, samples, device)
-    logits = roles.logits(r)  # (B, T, V)
-    r.logprobs = rl.logprobs_from_logits(logits, r.response_ids, cfg.temperature)
-    entropy = rl.masked_mean(rl.entropy_from_logits(logits, cfg.temperature), r.response_mask)
-    del logits
-    r.ref_logprobs = rl.logprobs_from_logits(roles.ref_logits(r), r.response_ids, cfg.temperature)
-    r.values = roles.values(r) * r.response_mask
-    r.scores = scores(roles, raw, prompts, samples, r, reward_fn)
+    # The four passes run `chunk` episodes at a time (rollout_micro_batch_size): each (b, T, V) block of logits
+    # is reduced to (b, T) before the next chunk's is made. Every chunk keeps the batch's padded width.
+    ent_sum, parts = torch.zeros((), device=device), {"logprobs": [], "ref_logprobs": [], "values": [], "scores": []}
+    for c0 in range(0, B, chunk):
+        sl = slice(c0, c0 + chunk)
+        u = r if chunk >= B else r.select(torch.arange(c0, min(c0 + chunk, B), device=device))
+        logits = roles.logits(u)  # (b, T, V)
+        parts["logprobs"].append(rl.logprobs_from_logits(logits, u.response_ids, cfg.temperature))
+        ent_sum = ent_sum + rl.masked_sum(rl.entropy_from_logits(logits, cfg.temperature), u.response_mask)
+        del logits
+        parts["ref_logprobs"].append(rl.logprobs_from_logits(roles.ref_logits(u), u.response_ids, cfg.temperature))
+        parts["values"].append(roles.values(u) * u.response_mask)
+        parts["scores"].append(scores(roles, raw[sl], prompts[sl], samples[sl], u, reward_fn))
+    for k, v in parts.items():
+        setattr(r, k, v[0] if len(v) == 1 else torch.cat(v))
+    entropy = ent_sum / r.response_mask.sum().clamp(min=1)
     return r, samples, entropy, t_gen
 
 
@@ -208,21 +220,60 @@ def _estimate_table(inputs: PPOInputs, cfg: PPOConfig, micro: int, seq: int, W: 
                                method="qlora" if cfg.qlora else ("lora" if cfg.lora else "full"), batch_size=micro,
                                seq_len=seq, gpus=W, lora_r=cfg.lora_r,
                                device="cuda" if torch.cuda.is_available() else "cpu",
-                               dtype={"bf16": "bf16", "fp16": "fp16"}.get(cfg.mixed_precision, "fp32")).table()
+                               dtype={"bf16": "bf16", "fp16": "fp16"}.get(cfg.mixed_precision, "fp32"),
+                               **({"grad_ckpt": "full"} if cfg.gradient_checkpointing else {})).table()
     except memory.CannotEstimate as e:
         return f"memory estimate: not available ({e})"
 
 
-STATS = ("policy_loss", "value_loss", "clipfrac", "approx_kl", "vf_clipfrac", "grad_norm", "critic_grad_norm")
+STATS = ("policy_loss", "value_loss", "clipfrac", "approx_kl", "vf_clipfrac", "grad_norm", "critic_grad_norm", "kl_loss")
+
+
+def make_optimizer(roles: Roles, cfg: PPOConfig):
+    """One AdamW with two parameter groups, actor (lr) then critic (critic_lr). One optimizer means one loss
+    scaler step per minibatch under fp16, and gradients unscaled once (`clip_groups`)."""
+    return torch.optim.AdamW([{"params": roles.actor_params(), "lr": cfg.lr, "name": "actor"},
+                              {"params": roles.critic_params(), "lr": cfg.critic_lr, "name": "critic"}],
+                             weight_decay=cfg.weight_decay)
+
+
+def clip_groups(opt, max_norm: float) -> list[torch.Tensor]:
+    """Unscale the gradients once (fp16 loss scaling), then clip each parameter group's norm on its own:
+    the actor's and the critic's gradient norms, as two optimizers would. Returns the norms before clipping."""
+    scaler = getattr(opt, "scaler", None)  # Accelerate's prepared optimizer carries the GradScaler under fp16
+    if scaler is not None:
+        scaler.unscale_(opt.optimizer)
+    return [torch.as_tensor(torch.nn.utils.clip_grad_norm_(g["params"], max_norm), dtype=torch.float32).detach()
+            for g in opt.param_groups]
+
+
+def lr_factor(iteration: int, cfg: PPOConfig) -> float:
+    """The learning-rate multiplier for PPO iteration `iteration` (0-based), the same for actor and critic:
+    linear warmup over `warmup_steps` iterations, then constant, linear decay or cosine decay towards 0 at the
+    run's last iteration."""
+    w, n = cfg.warmup_steps, cfg.total_steps
+    if iteration < w:
+        return (iteration + 1) / w
+    if cfg.lr_scheduler == "constant" or n <= w:
+        return 1.0
+    p = (iteration - w) / (n - w)
+    return 1.0 - p if cfg.lr_scheduler == "linear" else 0.5 * (1.0 + math.cos(math.pi * p))
+
+
+def set_lr(opt, iteration: int, cfg: PPOConfig) -> None:
+    f = lr_factor(iteration, cfg)
+    for g, base in zip(opt.param_groups, (cfg.lr, cfg.critic_lr)):
+        g["lr"] = base * f
 
 
 # ---------------------------------------------------------------------------
 # 5. The PPO update
 # ---------------------------------------------------------------------------
-def ppo_update(roles: Roles, r: Rollout, opt_actor, opt_critic, acc, cfg: PPOConfig, MB: int,
-               micro: int) -> tuple[dict, int, bool]:
+def ppo_update(roles: Roles, r: Rollout, opt, acc, cfg: PPOConfig, MB: int, micro: int,
+               kl_coef: float = 0.0) -> tuple[dict, int, bool]:
     """cfg.ppo_epochs passes over the rollout in minibatches of MB episodes (micro-batches of `micro` accumulate).
-    Returns (summed per-minibatch stats, optimizer steps taken, whether approx KL stopped it early)."""
+    `kl_coef` is β, used here only with kl_in_loss. Returns (summed per-minibatch stats, optimizer steps taken,
+    whether approx KL stopped it early)."""
     B = r.response_ids.shape[0]
     stats = {k: torch.zeros((), device=acc.device) for k in STATS}
     n_updates = 0
@@ -230,26 +281,22 @@ def ppo_update(roles: Roles, r: Rollout, opt_actor, opt_critic, acc, cfg: PPOCon
         perm = torch.randperm(B, device=acc.device)
         for m0 in range(0, B, MB):
             mb = r.select(perm[m0 : m0 + MB])
-            mb_stats = minibatch_step(roles, mb, acc, cfg, micro)
+            mb_stats = minibatch_step(roles, mb, acc, cfg, micro, kl_coef)
             # Early stop on approximate KL, agreed by all processes (the step is skipped, as in SB3's PPO).
             if cfg.target_kl > 0 and acc.reduce(mb_stats["approx_kl"].clone(), reduction="mean").item() > cfg.target_kl:
-                opt_actor.zero_grad(set_to_none=True)
-                opt_critic.zero_grad(set_to_none=True)
+                opt.zero_grad(set_to_none=True)
                 return stats, n_updates, True
             clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-            mb_stats["grad_norm"] = torch.as_tensor(acc.clip_grad_norm_(roles.actor_params(), clip), dtype=torch.float32).detach()
-            mb_stats["critic_grad_norm"] = torch.as_tensor(acc.clip_grad_norm_(roles.critic_params(), clip), dtype=torch.float32).detach()
-            opt_actor.step()
-            opt_critic.step()
-            opt_actor.zero_grad(set_to_none=True)
-            opt_critic.zero_grad(set_to_none=True)
+            mb_stats["grad_norm"], mb_stats["critic_grad_norm"] = clip_groups(opt, clip)
+            opt.step()  # under fp16: the scaler's step (skipped on inf/nan) and one update
+            opt.zero_grad(set_to_none=True)
             for k in stats:
                 stats[k] += mb_stats[k]
             n_updates += 1
     return stats, n_updates, False
 
 
-def minibatch_step(roles: Roles, mb: Rollout, acc, cfg: PPOConfig, micro: int) -> dict:
+def minibatch_step(roles: Roles, mb: Rollout, acc, cfg: PPOConfig, micro: int, kl_coef: float = 0.0) -> dict:
     """Forward and backward of one minibatch, micro-batch by micro-batch; gradients all-reduced on the last only.
     The minibatch loss is a token mean: each micro-batch weighs by its share of the tokens."""
     n_tok = mb.response_mask.sum().clamp(min=1)
@@ -269,6 +316,10 @@ def minibatch_step(roles: Roles, mb: Rollout, acc, cfg: PPOConfig, micro: int) -
             loss = pg
             if cfg.entropy_coef > 0:
                 loss = loss - cfg.entropy_coef * rl.masked_mean(rl.entropy_from_logits(logits, cfg.temperature), u.response_mask)
+            if cfg.kl_in_loss:  # β·E_t[k(π_θ, π_ref)] with its gradient (GRPO's form; rl.kl_loss)
+                kl_l = rl.kl_loss(logp, u.ref_logprobs, u.response_mask, cfg.kl_estimator)
+                loss = loss + kl_coef * kl_l
+                out["kl_loss"] += kl_l.detach() * w
             vl, vst = rl.value_loss(v, u.values, u.returns, u.response_mask, cfg.value_clip)
             acc.backward((loss + vl) * w)  # separate parameters, separate optimizers: one backward
         for k, x in (("policy_loss", pg), ("value_loss", vl), ("clipfrac", st["clipfrac"]),
@@ -420,9 +471,12 @@ def run(cfg: PPOConfig, *, reward_fn: RewardFn | None = None) -> Path:
     say(roles.describe())
     say(f"each iteration: {G} prompts ({B} per process x {W}) -> {cfg.ppo_epochs} epochs x {G // cfg.minibatch_size} "
         f"minibatches of {cfg.minibatch_size} ({-(-MB // micro)} micro-batch(es) of {micro} per process); --explain shows memory")
-    opt_actor = torch.optim.AdamW(roles.actor_params(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    opt_critic = torch.optim.AdamW(roles.critic_params(), lr=cfg.critic_lr, weight_decay=cfg.weight_decay)
-    opt_actor, opt_critic = roles.prepare(acc, opt_actor, opt_critic)
+    opt = roles.prepare(acc, make_optimizer(roles, cfg))
+    if cfg.gradient_checkpointing:
+        say(roles.enable_gradient_checkpointing())
+    if cfg.kl_estimator != "k1" and not cfg.kl_in_loss:
+        say(f"warning: kl_estimator={cfg.kl_estimator} in the reward: its value estimates KL(π‖π_ref), but as a reward "
+            f"its policy gradient is not KL's (Tang & Munos 2025); use k1 in the reward, or kl_in_loss=true with k3 (GRPO) or k2")
     set_seed(cfg.seed, device_specific=True)  # each process samples different responses
     stop = stop_ids(roles.tok, roles.generation_model())
     roles.check_reading(raw_train[0], stop)
@@ -473,12 +527,14 @@ def run(cfg: PPOConfig, *, reward_fn: RewardFn | None = None) -> Path:
 
             # -- 3-4. KL-shaped rewards, GAE advantages and returns ------------------------------------
             beta = st.kl_ctl.value
-            ev = advantages(r, score, beta, cfg)
+            ev = advantages(r, score, 0.0 if cfg.kl_in_loss else beta, cfg)
             t_roll = time.perf_counter() - t0
 
             # -- 5. PPO epochs over minibatches --------------------------------------------------------
             t1 = time.perf_counter()
-            stats, n_updates, stopped_early = ppo_update(roles, r, opt_actor, opt_critic, acc, cfg, MB, micro)
+            if cfg.lr_scheduler != "constant" or cfg.warmup_steps:
+                set_lr(opt, step, cfg)
+            stats, n_updates, stopped_early = ppo_update(roles, r, opt, acc, cfg, MB, micro, beta)
             t_upd = time.perf_counter() - t1
             step += 1
 
