@@ -24,8 +24,8 @@ from typing import Any, Callable, List, Optional
 
 import typer
 
-from lifecycle.config import (STAGE_CONFIGS, DataConfig, EstimateMemoryConfig, build_config, dump_yaml, field_default,
-                              field_types, parse_set)
+from lifecycle.config import (STAGE_CONFIGS, DataConfig, EstimateMemoryConfig, EvalConfig, build_config, dump_yaml,
+                              field_default, field_types, parse_set)
 from lifecycle.errors import Interrupted, TrainingDiverged, UsageError
 
 app = typer.Typer(
@@ -133,6 +133,16 @@ def run_stage(name: str, cfg: Any) -> None:
 for _name, _cls in STAGE_CONFIGS.items():
     app.command(_name)(config_command(_cls, functools.partial(run_stage, _name), recipe=True))
 app.command("data")(config_command(DataConfig, functools.partial(run_stage, "data"), recipe=True))
+
+
+def evaluate(cfg: EvalConfig) -> None:
+    """`llm eval` (torch from here on)."""
+    from lifecycle.eval import run as run_eval
+
+    run_eval(cfg)
+
+
+app.command("eval")(config_command(EvalConfig, evaluate, recipe=True))
 
 
 def estimate_memory(cfg: EstimateMemoryConfig) -> None:

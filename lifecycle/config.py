@@ -585,6 +585,60 @@ class EstimateMemoryConfig:
     measure: bool = opt(False, "Also build the model, run one real training step on this machine and print estimated vs measured per row.")
 
 
+@dataclass
+class EvalConfig(_Checked):
+    """`llm eval`: evaluate a model artifact, alone or against its parent, or every stage of a `llm run` directory."""
+
+    model: str = opt("", "Causal-LM artifact (a model directory, or one holding a LoRA adapter) to evaluate.")
+    vs: str = opt("", "A second causal LM (usually the parent) to compare with: its own metrics beside the model's and the win rate on held-out prompts.")
+    reward: str = opt("", "Reward-model artifact that judges the win rate (--vs) and scores answers; the gold win rate needs none.")
+    lifecycle: str = opt("", "A `llm run` directory: evaluate every causal-LM stage in it on the same items (instead of --model).")
+    out: str = opt("", "Output directory: eval.json, report.md, plots/ and samples.jsonl (required).")
+    data: list = opt([], "Held-out text files for bits per byte and perplexity (repeatable); empty: the built-in world's held-out documents.")
+    text_column: str = opt("text", "Column holding the text in jsonl/json/csv/parquet --data files.")
+    prompts: str = opt("", "Prompt file for the win rate (.jsonl/.json/.csv/.parquet/.txt, every row); empty: the held-out prompts of the models' PPO recipes, else the built-in world's held-out problems.")
+    prompt_column: str = opt("prompt", "Column holding the prompt in --prompts files.")
+    tasks: list = opt([], "lm-evaluation-harness tasks (repeatable or comma-separated); hub tasks need the network for their datasets.")
+    task_dir: str = opt("", "A directory of lm-evaluation-harness task YAML files (local tasks, e.g. over your own JSONL).")
+    num_fewshot: int = opt(-1, "Few-shot examples per lm-eval task (-1: the task's own default; 0: zero-shot).")
+    limit: int = opt(0, "Evaluate only the first N items of each lm-eval task (0: all).")
+    docs: int = opt(500, "Built-in world: held-out documents for bits per byte (when no --data).")
+    problems: int = opt(500, "Built-in world: held-out problems for gold accuracy and the win rate (at most 500).")
+    max_new_tokens: int = opt(0, "Answer tokens at most; 0: 6 on the built-in world's problems, 64 on a prompt file.")
+    temperature: float = opt(0.0, "Sampling temperature of the answers (0: greedy).")
+    seq_len: int = opt(0, "Tokens per window for bits per byte (0: the model's context length, at most 2048).")
+    batch_size: int = opt(32, "Sequences per forward pass.")
+    seed: int = opt(0, "Seed for sampled answers and the bootstrap interval.")
+    world: bool = opt(True, "Also report gold accuracy on the built-in world's held-out problems.")
+    decontaminate: bool = opt(True, "Report the share of evaluation items whose 13-grams occur in the training data the manifests name.")
+
+    def validate(self) -> list[str]:
+        p = super().validate()
+        if not self.out:
+            p.append("--out is required (the directory eval.json and report.md are written to)")
+        if bool(self.model) == bool(self.lifecycle):
+            p.append("give --model DIR (one artifact) or --lifecycle DIR (a `llm run` directory), exactly one")
+        if self.lifecycle and self.vs:
+            p.append("--vs compares two models; with --lifecycle each stage is compared with its parent already")
+        if self.vs and not self.model:
+            p.append("--vs needs --model")
+        if self.num_fewshot < -1:
+            p.append(f"--num-fewshot {self.num_fewshot}; must be -1 (task default) or >= 0")
+        if self.temperature < 0:
+            p.append(f"--temperature {self.temperature}; must be >= 0")
+        if not 1 <= self.problems <= 500:
+            p.append(f"--problems {self.problems}; must lie in 1..500 (the built-in world holds out 500)")
+        for name in ("docs", "batch_size"):
+            if getattr(self, name) < 1:
+                p.append(f"--{name.replace('_', '-')} {getattr(self, name)}; must be at least 1")
+        for name in ("limit", "seq_len", "max_new_tokens"):
+            if getattr(self, name) < 0:
+                p.append(f"--{name.replace('_', '-')} {getattr(self, name)}; must be >= 0")
+        if self.seq_len == 1:
+            p.append("--seq-len 1 leaves no token to predict; use 0 (the model's context) or at least 2")
+        return p
+
+
 STAGE_CONFIGS: dict[str, type] = {"pretrain": PretrainConfig, "sft": SFTConfig, "reward": RewardConfig, "ppo": PPOConfig}
 
 
