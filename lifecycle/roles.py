@@ -127,7 +127,10 @@ class Roles:
         stay deterministic and the first ratio stays 1. Generation switches to eval mode on its own."""
         for m in self.trained_models():
             base = m.get_base_model() if hasattr(m, "get_base_model") else m
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5's name
+                base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             if hasattr(base, "enable_input_require_grads"):
                 base.enable_input_require_grads()  # frozen embeddings (LoRA): checkpointed blocks still get a grad path
             disable_dropout(m)

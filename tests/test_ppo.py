@@ -554,3 +554,179 @@ def test_lr_schedule_by_hand():
     assert [ppo.lr_factor(i, c) for i in (2, 4, 6)] == pytest.approx([1.0, (1 + 2**-0.5) / 2, 0.5])
     c = dataclasses.replace(c, lr_scheduler="constant", warmup_steps=0)
     assert {ppo.lr_factor(i, c) for i in range(10)} == {1.0}
+
+
+# ---------------------------------------------------------------------------
+# Precision, shapes, truncation, chunked rollouts, checkpointing on the tiny models
+# ---------------------------------------------------------------------------
+def _prepared_roles(cfg: PPOConfig, acc):
+    from lifecycle.roles import load_roles
+    from lifecycle.stages import ppo
+
+    inputs = ppo.check_inputs(cfg)
+    roles = load_roles(cfg, inputs.policy, inputs.reward, inputs.critic, print)
+    for m in roles.trained:
+        m.eval()
+    opt = roles.prepare(acc, ppo.make_optimizer(roles, cfg))
+    raw, _, train, _ = ppo.rendered_prompts(cfg, roles.tok, inputs.prompts)
+    return roles, opt, raw, train
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora-shared-base"])
+def test_bf16_kl_is_0_and_ratio_is_1_at_the_start(lora, tiny_base, tiny_reward, tiny_lora_reward, tmp_path):
+    """Under bf16 autocast every pass of a role runs at one precision: the reference (a separate model, or the base
+    under disabled adapters) equals the actor, and the training pass equals the rollout's (ratio exactly 1)."""
+    import torch
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from lifecycle import rl
+    from lifecycle.generate import stop_ids
+    from lifecycle.roles import SharedRoles, response_logits
+    from lifecycle.stages import ppo
+
+    reward = tiny_lora_reward if lora else tiny_reward
+    cfg = build_config(PPOConfig, None, dict(policy=str(tiny_base), reward=str(reward), out=str(tmp_path / "o"),
+                                             mixed_precision="bf16", lora=lora, **SMALL))
+    AcceleratorState._reset_state(True)
+    try:
+        acc = Accelerator(cpu=True, mixed_precision="bf16")
+        roles, _, raw, train = _prepared_roles(cfg, acc)
+        assert isinstance(roles, SharedRoles) is lora
+        stop = stop_ids(roles.tok, roles.generation_model())
+        r, *_ = ppo.rollout(roles, raw[:8], train[:8], cfg, stop, acc.device, None)
+        m = r.response_mask.bool()
+        assert torch.equal(r.logprobs[m], r.ref_logprobs[m])  # KL = 0
+        u = r.select(torch.arange(8))
+        logits, v = roles.train_forward(u)  # with gradients, through the prepared modules
+        logp = rl.logprobs_from_logits(logits, u.response_ids, cfg.temperature)
+        assert torch.equal(logp[m], r.logprobs[m])  # ratio = 1
+        assert torch.equal((v * u.response_mask)[m], r.values[m])
+        # and bf16 did run: the same weights in fp32 give other log-probs (the actor's adapter starts at zero)
+        model = roles.module.peft if lora else roles.ref
+        with torch.no_grad(), torch.autocast("cpu", enabled=False):
+            fp32 = rl.logprobs_from_logits(response_logits(model, r), r.response_ids, cfg.temperature)
+        assert not torch.equal(fp32[m], r.logprobs[m])
+    finally:
+        AcceleratorState._reset_state(True)
+
+
+def test_a_model_that_ignores_logits_to_keep_is_cut_not_misread(tiny_base):
+    import torch
+
+    from lifecycle.generate import generate_batch, render_prompts
+    from lifecycle.modeling import load_causal_lm
+    from lifecycle.roles import Roles, response_logits
+    from lifecycle.tokenizer import load_tokenizer
+
+    model, tok = load_causal_lm(str(tiny_base)).eval(), load_tokenizer(str(tiny_base))
+    prompts = render_prompts(tok, [[{"role": "user", "content": q}] for q in ("what is 2 plus 2 ?", "hi")])
+    r = Roles.to_rollout(type("R", (), {"tok": tok})(), prompts, generate_batch(model, tok, prompts, max_new_tokens=4,
+                         temperature=1.0, generator_seed=0), "cpu")
+
+    class IgnoresKeep(torch.nn.Module):
+        def __init__(self, m, cut=0):
+            super().__init__()
+            self.m, self.cut = m, cut
+
+        def forward(self, logits_to_keep=0, **kw):
+            out = self.m(**kw)  # every position
+            out.logits = out.logits[:, self.cut:]
+            return out
+
+    with torch.no_grad():
+        expect = response_logits(model, r)
+        assert torch.equal(response_logits(IgnoresKeep(model), r), expect)
+        with pytest.raises(RuntimeError, match="returned logits for"):
+            response_logits(IgnoresKeep(model, cut=1), r)
+
+
+def test_truncated_responses_reach_a_text_reward_model_unfinished(tiny_base, toy, tmp_path):
+    """Different tokenizers: the response goes over as text, and encode closes every turn with its end marker.
+    A response cut at max_new_tokens must arrive without it (scored at its last token, like the rollout's own ids)."""
+    import torch
+
+    from lifecycle.generate import Sample
+    from lifecycle.roles import load_roles
+    from lifecycle.stages import ppo
+
+    cfg = build_config(PPOConfig, None, dict(policy=str(tiny_base), reward=str(toy["reward"]), out=str(tmp_path / "o"), **SMALL))
+    inputs = ppo.check_inputs(cfg)
+    roles = load_roles(cfg, inputs.policy, inputs.reward, inputs.critic, print)
+    assert not roles.same_tok and not roles.check_reading("what is 1 plus 2 ?", [roles.tok.eos_token_id])
+    seen = []
+    roles.scores = lambda ids, mask: seen.append([row[m.bool()].tolist() for row, m in zip(ids, mask)]) or torch.zeros(len(ids))
+    ids = roles.tok("3", add_special_tokens=False)["input_ids"]
+    done, cut = Sample("p", "3", True, ids + [roles.tok.eos_token_id]), Sample("p", "3", False, ids)
+    r = roles.to_rollout(["what is 1 plus 2 ?"] * 2, [done, cut], "cpu")
+    roles.score_samples(["what is 1 plus 2 ?"] * 2, [done, cut], r)
+    [finished, open_] = seen[0]
+    eos = roles.reward_tok.eos_token_id
+    assert finished[-1] == eos and open_ == finished[:-1] and open_[-1] != eos
+
+
+def test_chunked_rollout_equals_the_whole_batch(tiny_base, tiny_reward, tmp_path):
+    """rollout_micro_batch_size: the passes in chunks give the whole batch's log-probs, values and scores (the same
+    samples in); generation in chunks samples the same distribution, so it is checked on its own log-probs."""
+    import torch
+    from accelerate import Accelerator
+
+    from lifecycle.generate import stop_ids
+    from lifecycle.stages import ppo
+
+    cfg = build_config(PPOConfig, None, dict(policy=str(tiny_base), reward=str(tiny_reward), out=str(tmp_path / "o"), **SMALL))
+    acc = Accelerator(cpu=True)
+    roles, _, raw, train = _prepared_roles(cfg, acc)
+    stop = stop_ids(roles.tok, roles.generation_model())
+    torch.manual_seed(0)
+    whole, samples, ent, _ = ppo.rollout(roles, raw[:8], train[:8], cfg, stop, acc.device, None)
+    orig = roles.sample
+    roles.sample = lambda *a, **k: samples  # the same responses, passes in chunks of 3 (3 + 3 + 2)
+    chunked, _, ent3, _ = ppo.rollout(roles, raw[:8], train[:8], dataclasses.replace(cfg, rollout_micro_batch_size=3),
+                                      stop, acc.device, None)
+    roles.sample = orig
+    for k in ("logprobs", "ref_logprobs", "values", "scores"):
+        assert torch.allclose(getattr(whole, k), getattr(chunked, k), atol=1e-5), k
+    assert ent3.item() == pytest.approx(ent.item(), abs=1e-5)
+    calls = []
+    import lifecycle.roles as roles_mod
+
+    real = roles_mod.generate_batch
+    roles_mod.generate_batch = lambda *a, **k: calls.append(k["batch_size"]) or real(*a, **k)
+    try:
+        roles.sample(train[:8], cfg, stop, batch_size=3)
+    finally:
+        roles_mod.generate_batch = real
+    assert calls == [3]
+
+
+def test_gradient_checkpointing_changes_memory_not_numbers(tiny_base, tiny_reward, tmp_path):
+    """Actor and critic checkpointed (train mode, dropout 0): the first update's losses and gradients are those
+    of the plain run."""
+    import torch
+    from accelerate import Accelerator
+
+    from lifecycle.generate import stop_ids
+    from lifecycle.stages import ppo
+
+    out = []
+    for gc in (False, True):
+        cfg = build_config(PPOConfig, None, dict(policy=str(tiny_base), reward=str(tiny_reward), out=str(tmp_path / "o"),
+                                                 gradient_checkpointing=gc, **SMALL))
+        acc = Accelerator(cpu=True)
+        roles, opt, raw, train = _prepared_roles(cfg, acc)
+        if gc:
+            roles.enable_gradient_checkpointing()
+            assert roles.actor_u.is_activation_checkpointing and roles.actor_u.training
+        stop = stop_ids(roles.tok, roles.generation_model())
+        torch.manual_seed(0)
+        r, *_ = ppo.rollout(roles, raw[:8], train[:8], cfg, stop, acc.device, None)
+        r.advantages, r.returns = torch.randn_like(r.values) * r.response_mask, torch.randn_like(r.values) * r.response_mask
+        st = ppo.minibatch_step(roles, r, acc, cfg, 4)
+        grads = torch.cat([p.grad.flatten() for p in roles.actor_params() + roles.critic_params()])
+        out.append((r.logprobs, st, grads))
+    (lp0, st0, g0), (lp1, st1, g1) = out
+    assert torch.equal(lp0, lp1)
+    assert st0["policy_loss"].item() == pytest.approx(st1["policy_loss"].item(), abs=1e-6)
+    assert st0["approx_kl"].item() == st1["approx_kl"].item() == 0.0
+    assert torch.allclose(g0, g1, atol=1e-6)
