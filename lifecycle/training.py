@@ -141,6 +141,8 @@ def check_memory(cfg: Any, model: Any, stage: str, *, batch_size: int | None = N
         kw["lora_dropout"] = getattr(cfg, "lora_dropout", 0.0)
     if seq_len is None:
         seq_len = getattr(cfg, "seq_len", None) or cfg.max_length
+    if not seq_len:  # sft's max_length 0 before the stage resolves it: the model's context, at most 2048
+        seq_len = min(2048, model.get("max_position_embeddings") or model.get("n_positions") or 2048)
     return memory.check_fits(model, stage=stage, method=method, batch_size=batch_size or cfg.batch_size,
                              seq_len=seq_len, force=cfg.force, gpus=gpus, echo=echo or say, **kw)
 
