@@ -385,6 +385,21 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_base, tiny_reward, tm
     assert cks and (cks[-1] / "state.json").is_file()
     assert not (out / "lifecycle.json").exists()  # no artifact from an interrupted run
 
+    # --resume to one iteration past the checkpoint equals an uninterrupted run of that length, weight for weight
+    from safetensors.torch import load_file
+
+    from lifecycle.stages import ppo
+
+    k = int(cks[-1].name.split("-")[1])
+    opts = dict(policy=str(tiny_base), reward=str(tiny_reward), max_steps=k + 1, **{**SMALL, "eval_every": 1000})
+    ppo.run(build_config(PPOConfig, None, {**opts, "out": str(out), "resume": True}))
+    ppo.run(build_config(PPOConfig, None, {**opts, "out": str(tmp_path / "straight")}))
+    for f in ("model.safetensors", "critic/model.safetensors"):
+        a, b = load_file(str(out / f)), load_file(str(tmp_path / "straight" / f))
+        assert a.keys() == b.keys() and all(a[n].equal(b[n]) for n in a), f
+    steps = [d for d in _log(out) if "score_mean" in d]
+    assert [d["step"] for d in steps] == list(range(1, k + 2))
+
 
 # ---------------------------------------------------------------------------
 # The update loop on a model small enough to reason about: logits from a (T, V) table, values from a (T,) vector
@@ -730,3 +745,31 @@ def test_gradient_checkpointing_changes_memory_not_numbers(tiny_base, tiny_rewar
     assert st0["policy_loss"].item() == pytest.approx(st1["policy_loss"].item(), abs=1e-6)
     assert st0["approx_kl"].item() == st1["approx_kl"].item() == 0.0
     assert torch.allclose(g0, g1, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------
+# Regression: the numbers of a fixed tiny run, and resume = uninterrupted
+# ---------------------------------------------------------------------------
+GOLDEN_KEYS = ("score_mean", "kl", "entropy", "policy_loss", "value_loss", "clipfrac", "approx_kl", "explained_variance")
+GOLDEN = {  # from the loop as of this commit (identical to the loop before its one-optimizer refactor)
+    1: dict(score_mean=0.04073251783847809, kl=0.0, entropy=5.696720123291016, policy_loss=-0.08144192397594452,
+            value_loss=0.730426013469696, clipfrac=0.15234375, approx_kl=0.008929802104830742, explained_variance=-0.016119837760925293),
+    2: dict(score_mean=0.0012355446815490723, kl=0.002087831497192383, entropy=5.6965179443359375, policy_loss=-0.058625753968954086,
+            value_loss=0.9248498678207397, clipfrac=0.0546875, approx_kl=0.004151154309511185, explained_variance=0.014098405838012695),
+}
+
+
+def test_golden_numbers_of_a_fixed_tiny_run(tiny_base, tiny_reward, tmp_path):
+    """Two iterations of full fine-tuning on the tiny models, CPU fp32, one thread: the first iterations' losses,
+    KL, clip fraction and approximate KL are pinned (as torchtune pins its recipes' losses), so a refactor that
+    changes what the loop computes fails here. Tolerances allow only float reassociation across machines."""
+    from lifecycle.stages import ppo
+
+    out = tmp_path / "golden"
+    ppo.run(build_config(PPOConfig, None, dict(policy=str(tiny_base), reward=str(tiny_reward), out=str(out), lr=1e-3,
+                                               max_steps=2, **{**SMALL, "eval_every": 2})))
+    got = {d["step"]: {k: d[k] for k in GOLDEN_KEYS} for d in _log(out) if "score_mean" in d}
+    for step, row in GOLDEN.items():
+        for k, v in row.items():
+            assert got[step][k] == pytest.approx(v, rel=1e-4, abs=1e-6), (step, k, got[step][k], v)
+    assert set(GOLDEN) == {1, 2}

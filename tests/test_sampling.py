@@ -93,3 +93,39 @@ def test_sampling_stops_at_each_stop_id(marker, family_dir):
     for s in generate_batch(model, tok, prompts, max_new_tokens=8, temperature=1.0, generator_seed=0):
         assert s.ended and s.token_ids[-1] == mid and len(s.token_ids) == 3, s.token_ids
         assert marker not in s.text
+
+
+@pytest.mark.parametrize("base", ["tiny_base", "tiny_gpt2_base"])
+def test_sampler_logprobs_equal_the_rollouts_recomputed_ones_with_left_padding(base, request):
+    """The PPO rollout recomputes log π_old over left-padded prompts (`Rollout.model_inputs`, `response_logits`):
+    on llama and gpt2 micro models it must give the sampler's own log-probs, token by token. A position-id or
+    logits-slice off by one fails this."""
+    from lifecycle.roles import Roles, response_logits
+
+    path = request.getfixturevalue(base)
+    model, tok = _load(path)
+    qs = ("what is 2 plus 2 ?", "hi", "what is 12 plus 30 ? and what is 7 plus 5 ?")
+    prompts = render_prompts(tok, [[{"role": "user", "content": q}] for q in qs])
+    lengths = [len(tok(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+    assert len(set(lengths)) == 3  # real left padding
+    samples = generate_batch(model, tok, prompts, max_new_tokens=6, temperature=T, generator_seed=0, return_logprobs=True)
+    r = Roles.to_rollout(type("R", (), {"tok": tok})(), prompts, samples, "cpu")
+    with torch.no_grad():
+        lp = rl.logprobs_from_logits(response_logits(model, r), r.response_ids, T)
+    for i, s in enumerate(samples):
+        assert torch.allclose(lp[i, : len(s.token_ids)], torch.tensor(s.logprobs), atol=1e-5), (i, lp[i], s.logprobs)
+
+
+def test_values_are_read_at_the_position_before_each_action():
+    """`Rollout.at_responses`: V(s_t) comes from the position that has seen the prompt and a_<t, i.e. the last
+    prompt token for t = 0 and a_{t-1} after. A per-position output equal to the input token shows it."""
+    from lifecycle.rl import Rollout
+
+    prompt = torch.tensor([[0, 0, 11, 12], [21, 22, 23, 24]])  # left-padded with 0
+    pmask = (prompt != 0).long()
+    resp = torch.tensor([[13, 14, 15], [25, 26, 0]])
+    rmask = torch.tensor([[1.0, 1, 1], [1, 1, 0]])
+    r = Rollout.sampled(prompt, pmask, resp, rmask, torch.tensor([True, True]))
+    ids, mask, pos = r.model_inputs()
+    assert pos.tolist() == [[0, 0, 0, 1, 2, 3, 4], [0, 1, 2, 3, 4, 5, 5]]  # pad positions clamp to 0 / repeat
+    assert r.at_responses(ids).tolist() == [[12, 13, 14], [24, 25, 26]]
