@@ -35,8 +35,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,11 +44,14 @@ import numpy as np
 import torch
 
 from lifecycle import artifacts
-from lifecycle.artifacts import CAUSAL_LM, REWARD_MODEL, atomic_write_json, atomic_write_text, check_artifact
+from lifecycle.artifacts import CAUSAL_LM, REWARD_MODEL, check_artifact
 from lifecycle.config import EvalConfig, check_config
 from lifecycle.data import world
 from lifecycle.data.prompts import as_user_turns, check_prompt
 from lifecycle.errors import UsageError
+from lifecycle.evaluation.contamination import contaminated, decontamination  # noqa: F401  (contaminated: re-exported)
+from lifecycle.evaluation.harness import harness, task_items, task_manager  # noqa: F401
+from lifecycle.evaluation.report import write_outputs
 from lifecycle.generate import Sample, generate_batch, render_prompts
 from lifecycle.modeling import context_length, load_causal_lm
 from lifecycle.reward_model import load_reward_model, score
@@ -58,7 +59,6 @@ from lifecycle.tokenizer import load_tokenizer
 from lifecycle.training import format_eta, quiet, say
 
 LIFECYCLE_ORDER = ["pretrain", "sft", "ppo", "grpo", "dpo"]  # causal-LM stages, in the order a run makes them
-NGRAM = 13
 BOOTSTRAP = 2000
 
 
@@ -294,175 +294,6 @@ def reward_scores(rm, rm_tok, ep: EvalPrompts, samples: list[Sample], cfg: EvalC
 
 
 # ---------------------------------------------------------------------------
-# 4. lm-evaluation-harness
-# ---------------------------------------------------------------------------
-def _hub_offline() -> bool:
-    return any(os.environ.get(k, "").lower() in ("1", "true", "yes") for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
-
-
-def _is_local_dataset(task_cfg: dict) -> bool:
-    """A task whose data is on this machine: a file builder (json/csv/...) over local files, or a local directory."""
-    path = str(task_cfg.get("dataset_path") or "")
-    if path in ("json", "csv", "parquet", "text", "arrow"):
-        return True
-    return bool(path) and Path(path).expanduser().exists()
-
-
-def task_manager(cfg: EvalConfig, TaskManager) -> tuple[Any, list[str]]:
-    """lm-eval's task index (with --task-dir) and the task names, after checking each is known and, offline, local."""
-    tasks = [t for t in cfg.tasks for t in t.split(",") if t]
-    if cfg.task_dir and not Path(cfg.task_dir).is_dir():
-        raise UsageError(f"--task-dir {cfg.task_dir} is not a directory; pass the directory holding your task YAML files")
-    tm = TaskManager(include_path=cfg.task_dir or None)
-    known = set(tm.all_tasks)
-    unknown = [t for t in tasks if t not in known]
-    if unknown:
-        where = f" or in --task-dir {cfg.task_dir}" if cfg.task_dir else "; add --task-dir DIR for tasks of your own"
-        raise UsageError(f"unknown lm-eval task(s) {', '.join(unknown)}: not among lm-eval's {len(known)} tasks{where}")
-    if _hub_offline():
-        remote = []
-        for t in tasks:
-            entry = tm.task_index.get(t)
-            kind = getattr(getattr(entry, "kind", None), "name", "")
-            if kind != "TASK" or not _is_local_dataset(getattr(entry, "cfg", None) or {}):
-                remote.append(t)  # a group or tag (its members fetch their own data), or a task over a hub dataset
-        if remote:
-            raise UsageError(f"lm-eval task(s) {', '.join(remote)} download their datasets from the Hugging Face Hub, and "
-                             f"this machine is offline (HF_HUB_OFFLINE); run online, or use a local task with --task-dir")
-    return tm, tasks
-
-
-def harness(m: Loaded, cfg: EvalConfig) -> dict:
-    """Run lm-eval's tasks on the loaded model; {task: {metric: value}} with the harness's own metric names."""
-    import logging
-
-    import lm_eval
-    from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
-
-    logging.getLogger("lm_eval").setLevel(logging.ERROR)
-    tm, tasks = task_manager(cfg, TaskManager)
-    say(f"eval: lm-eval {', '.join(tasks)} on {m.name}" + (f" (adapter {m.adapter})" if m.adapter else ""))
-    lm = HFLM(pretrained=m.model, tokenizer=m.tokenizer, batch_size=cfg.batch_size, max_length=context_length(m.model.config))
-    try:
-        res = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=tm, limit=cfg.limit or None,
-                                      num_fewshot=None if cfg.num_fewshot < 0 else cfg.num_fewshot, random_seed=cfg.seed,
-                                      numpy_random_seed=cfg.seed, torch_random_seed=cfg.seed, fewshot_random_seed=cfg.seed,
-                                      log_samples=False, bootstrap_iters=0, verbosity="ERROR")
-    except (ConnectionError, OSError) as e:  # the hub unreachable while fetching a dataset
-        raise UsageError(f"lm-eval could not load the data of {', '.join(tasks)} ({type(e).__name__}); check the network, or use a local task with --task-dir") from None
-    out = {}
-    for task, metrics in (res or {}).get("results", {}).items():
-        out[task] = {k.split(",")[0]: v for k, v in metrics.items() if isinstance(v, (int, float)) and "stderr" not in k}
-        out[task]["n"] = (res.get("n-samples", {}).get(task) or {}).get("effective")
-        out[task]["num_fewshot"] = (res.get("n-shot") or {}).get(task)
-    return out
-
-
-def task_items(cfg: EvalConfig) -> list[str]:
-    """The text of local lm-eval tasks' items (every string field of each row), for the decontamination check."""
-    if not cfg.task_dir:
-        return []
-    import yaml
-
-    from lifecycle.data.files import read_records
-
-    texts = []
-    for y in sorted(Path(cfg.task_dir).rglob("*.y*ml")):
-        try:
-            tcfg = yaml.safe_load(y.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError:
-            continue
-        files = ((tcfg.get("dataset_kwargs") or {}).get("data_files")) or {}
-        for f in (files.values() if isinstance(files, dict) else [files]):
-            for f1 in (f if isinstance(f, list) else [f]):
-                p = Path(f1) if Path(f1).is_absolute() else y.parent / f1
-                if p.is_file():
-                    texts += [" ".join(str(v) for v in r.values() if isinstance(v, str)) for r in read_records(str(p))]
-    return texts
-
-
-# ---------------------------------------------------------------------------
-# 5. Decontamination: 13-gram overlap with the training data the manifests name
-# ---------------------------------------------------------------------------
-def words(text: str) -> list[str]:
-    return re.findall(r"\w+", text.lower())
-
-
-def contaminated(items: list[str], training: list[str], n: int = NGRAM) -> list[bool]:
-    """Whether each item shares a word n-gram with the training texts (lower-cased, punctuation dropped); an item
-    shorter than n words counts when it occurs whole, as consecutive words, in a training text."""
-    item_words = [words(t) for t in items]
-    sizes = {min(n, len(w)) for w in item_words if w}
-    grams: dict[int, set] = {k: set() for k in sizes}
-    for t in training:
-        w = words(t)
-        for k in sizes:
-            grams[k].update(hash(tuple(w[i : i + k])) for i in range(len(w) - k + 1))
-    flags = []
-    for w in item_words:
-        k = min(n, len(w))
-        flags.append(bool(w) and any(hash(tuple(w[i : i + k])) in grams[k] for i in range(len(w) - k + 1)))
-    return flags
-
-
-def training_texts(manifests: list[dict | None]) -> tuple[list[str], list[str]]:
-    """Text of the training data the manifests' configs name (files only; the built-in world's training splits
-    when a pretrain or sft config names no data), and a line per source."""
-    from lifecycle.data.files import read_all
-
-    texts, about, seen = [], [], set()
-    for m in manifests:
-        if not m:
-            continue
-        cfg, stage = m.get("config") or {}, m.get("stage")
-        sources = [cfg[k] for k in ("data", "prompts") if isinstance(cfg.get(k), str) and cfg.get(k)]
-        sources += [s for k in ("data",) if isinstance(cfg.get(k), list) for s in cfg[k]]
-        for s in sources:
-            if s in seen or not Path(s).exists():
-                continue
-            seen.add(s)
-            rows = read_all([s], cfg.get("text_column", "text"))
-            texts += [" ".join(_flat(v) for v in r.values()) for r in rows]
-            about.append(f"{s} ({len(rows)} rows, from {stage})")
-        if not sources and stage == "pretrain" and "world" not in seen:
-            seen.add("world")
-            texts += world.pretrain_documents(int(cfg.get("world_documents", 60000)), seed=int(cfg.get("seed", 0)))
-            about.append("built-in world pretraining documents (regenerated from the recorded seed)")
-    return texts, about
-
-
-def _flat(v: Any) -> str:
-    if isinstance(v, str):
-        return v
-    if isinstance(v, list):
-        return " ".join(_flat(x) for x in v)
-    if isinstance(v, dict):
-        return " ".join(_flat(x) for x in v.values())
-    return ""
-
-
-def decontamination(model_manifests: list[dict | None], sets: dict[str, list[str]]) -> dict:
-    """{set: {"items", "contaminated", "share"}} against the training data named in the models' manifests (and their parents')."""
-    manifests: list[dict] = []
-    for man in model_manifests:
-        while man is not None and len(manifests) < 16:
-            manifests.append(man)
-            parent = (man.get("parent") or {}).get("path")
-            man = artifacts.read_manifest(parent) if parent and Path(parent).is_dir() else None
-    training, about = training_texts(manifests)
-    out: dict = {"training_sources": about, "ngram": NGRAM}
-    if not training:
-        out["note"] = "no training data named in the manifests could be read"
-        return out
-    for name, items in sets.items():
-        if items:
-            flags = contaminated(items, training)
-            out[name] = {"items": len(items), "contaminated": sum(flags), "share": sum(flags) / len(items)}
-    return out
-
-
-# ---------------------------------------------------------------------------
 # The command: check every input first, then load and evaluate one model at a time
 # ---------------------------------------------------------------------------
 @dataclass
@@ -601,157 +432,3 @@ def evaluate(specs: list[Spec], cfg: EvalConfig, rm, parents: dict[str, str]) ->
     return res
 
 
-# ---------------------------------------------------------------------------
-# Output: eval.json, report.md, plots, samples.jsonl
-# ---------------------------------------------------------------------------
-ROWS = [  # (label, path into a model's results)
-    ("bits per byte", ("language_modelling", "bits_per_byte")),
-    ("perplexity (per token)", ("language_modelling", "perplexity")),
-    ("tokens / bytes", None),
-    ("gold accuracy", ("world", "gold_accuracy")),
-    ("gold accuracy, carry", ("world", "gold_accuracy_carry")),
-    ("gold accuracy, no carry", ("world", "gold_accuracy_nocarry")),
-    ("mean reward-model score", ("reward_score",)),
-    ("answers that end", ("ended",)),
-]
-
-
-def _get(d: dict, path: tuple) -> Any:
-    for k in path:
-        d = d.get(k) if isinstance(d, dict) else None
-    return d
-
-
-def _fmt(v: Any) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.4f}" if abs(v) < 10 else f"{v:.4g}"
-    return str(v)
-
-
-def _wr(w: dict | None) -> str:
-    if not w:
-        return "-"
-    return f"{w['win_rate']:.3f} [{w['ci_low']:.3f}, {w['ci_high']:.3f}] ({w['wins']}/{w['ties']}/{w['losses']})"
-
-
-def metrics_table(res: dict) -> str:
-    """One markdown table: a column per model, a row per metric, then the win rates against each one's parent."""
-    names = list(res["models"])
-    ms = [res["models"][n] for n in names]
-    lines = ["| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-    for label, path in ROWS:
-        if path is None:
-            vals = [f"{_get(m, ('language_modelling', 'tokens'))} / {_get(m, ('language_modelling', 'bytes'))}" for m in ms]
-        else:
-            vals = [_fmt(_get(m, path)) for m in ms]
-            if all(v == "-" for v in vals):
-                continue
-        lines.append(f"| {label} | " + " | ".join(vals) + " |")
-    if any("win_rate" in m for m in ms):
-        lines.append("| compared with | " + " | ".join(_get(m, ("win_rate", "vs")) or "-" for m in ms) + " |")
-        for label, key in (("reward-model win rate", "reward"), ("gold win rate", "gold")):
-            if any(_get(m, ("win_rate", key)) for m in ms):
-                lines.append(f"| {label} | " + " | ".join(_wr(_get(m, ("win_rate", key))) for m in ms) + " |")
-    bench = sorted({(t, k) for m in ms for t, v in (m.get("benchmarks") or {}).items() for k in v if k not in ("n", "num_fewshot")})
-    for t, k in bench:
-        lines.append(f"| {t} {k} | " + " | ".join(_fmt(_get(m, ("benchmarks", t, k))) for m in ms) + " |")
-    return "\n".join(lines)
-
-
-def _savefig(fig, path: Path) -> None:
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=100)
-    os.replace(tmp, path)
-
-
-def plot(res: dict, plots: Path) -> list[tuple[str, str]]:
-    """PNG plots: each metric across the models (a line across stages with --lifecycle), and the win rates with their intervals."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    plots.mkdir(parents=True, exist_ok=True)
-    names = list(res["models"])
-    ms = [res["models"][n] for n in names]
-    panels = [(label, path) for label, path in ROWS if path and path != ("ended",)
-              and all(isinstance(_get(m, path), (int, float)) for m in ms)]
-    made = []
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.0), squeeze=False)
-    for ax, (label, path) in zip(axes[0], panels):
-        ys = [_get(m, path) for m in ms]
-        if res.get("lifecycle"):
-            ax.plot(names, ys, marker="o")
-        else:
-            ax.bar(names, ys, color=["C0", "C1", "C2", "C3"][: len(ys)])
-        ax.set_title(label, fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.tick_params(labelsize=8)
-    fig.tight_layout()
-    _savefig(fig, plots / "metrics.png")
-    plt.close(fig)
-    made.append(("metrics across stages" if res.get("lifecycle") else "metrics", "plots/metrics.png"))
-    wins = [(n, key, _get(m, ("win_rate", key))) for n, m in zip(names, ms) for key in ("reward", "gold") if _get(m, ("win_rate", key))]
-    if wins:
-        fig, ax = plt.subplots(figsize=(5, 0.5 + 0.45 * len(wins)))
-        for i, (n, key, w) in enumerate(wins):
-            ax.errorbar([w["win_rate"]], [i], xerr=[[w["win_rate"] - w["ci_low"]], [w["ci_high"] - w["win_rate"]]],
-                        fmt="o", color="C0" if key == "reward" else "C2", capsize=3)
-        ax.axvline(0.5, color="grey", ls="--", lw=1)
-        ax.set_yticks(range(len(wins)), [f"{n} vs {res['models'][n]['win_rate']['vs']} ({k})" for n, k, _ in wins], fontsize=8)
-        ax.set_xlim(0, 1)
-        ax.set_xlabel("win rate (ties count half), 95% bootstrap interval", fontsize=8)
-        fig.tight_layout()
-        _savefig(fig, plots / "win_rates.png")
-        plt.close(fig)
-        made.append(("win rates", "plots/win_rates.png"))
-    return made
-
-
-def decontamination_lines(dc: dict) -> list[str]:
-    lines = ["## Decontamination", "", f"Share of evaluation items with a {dc.get('ngram', NGRAM)}-gram (an item shorter than that: "
-             "the whole item) found in the training data the manifests name."]
-    if dc.get("training_sources"):
-        lines += ["", "Training data read: " + "; ".join(dc["training_sources"]) + "."]
-    if dc.get("note"):
-        return lines + ["", dc["note"] + "."]
-    lines += ["", "| items | count | contaminated | share |", "|---|---|---|---|"]
-    for name, v in dc.items():
-        if isinstance(v, dict):
-            flag = " **(contaminated: the scores on these items overstate)**" if v["contaminated"] else ""
-            lines.append(f"| {name} | {v['items']} | {v['contaminated']} | {v['share']:.1%}{flag} |")
-    return lines
-
-
-def write_outputs(out: Path, res: dict, cfg: EvalConfig) -> Path:
-    """OUT/samples.jsonl, plots/, report.md, then eval.json last (each by an atomic rename)."""
-    out.mkdir(parents=True, exist_ok=True)
-    samples = res.pop("samples", None)
-    if samples:
-        atomic_write_text(out / "samples.jsonl", "".join(json.dumps(s) + "\n" for s in samples))
-    table = metrics_table(res)
-    made = plot(res, out / "plots")
-    title = f"Evaluation of the stages of `{res['lifecycle']}`" if res.get("lifecycle") else f"Evaluation of `{cfg.model}`" + (f" against `{cfg.vs}`" if cfg.vs else "")
-    lines = [f"# {title}", "", f"Held-out text: {res['items']['text']}."]
-    if res["items"].get("prompts"):
-        lines.append(f"Prompts: {res['items']['prompts']}; answers {'greedy' if cfg.temperature == 0 else f'sampled at T={cfg.temperature}'}.")
-    if res.get("reward_model"):
-        lines.append(f"Reward model: `{res['reward_model']}`.")
-    lines += ["", table, "",
-              "Bits per byte = total nats / (ln 2 x UTF-8 bytes), comparable across tokenizers; perplexity is per token of each "
-              "model's own tokenizer. Win rates: share of prompts where the model's answer beats the other's "
-              "(reward model: higher score; gold: right where the other is wrong); ties count half; "
-              "[95% percentile-bootstrap interval over prompts] (wins/ties/losses).", ""]
-    for caption, rel in made:
-        lines += [f"## {caption[:1].upper() + caption[1:]}", "", f"![{caption}]({rel})", ""]
-    if res.get("decontamination"):
-        lines += decontamination_lines(res["decontamination"]) + [""]
-    atomic_write_text(out / "report.md", "\n".join(lines))
-    res["config"] = {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}
-    res["versions"] = artifacts.versions()
-    atomic_write_json(out / "eval.json", res)
-    print(table)
-    say(f"eval: wrote {out / 'eval.json'} and {out / 'report.md'}")
-    return out / "eval.json"

@@ -295,10 +295,15 @@ def test_bad_input_not_a_causal_lm(reward_dir, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-def test_bad_input_unknown_and_hub_tasks_offline(tiny_base, task_dir, tmp_path):
-    _one_error_line(llm("--model", str(tiny_base), "--out", str(tmp_path / "o"), "--tasks", "no_such_task_xyz",
-                        "--task-dir", str(task_dir)), "unknown lm-eval task", "no_such_task_xyz")
-    _one_error_line(llm("--model", str(tiny_base), "--out", str(tmp_path / "o"), "--tasks", "hellaswag"), "offline", "hellaswag")
+def test_bad_input_unknown_and_hub_tasks_offline(tiny_base, task_dir, tmp_path, monkeypatch):
+    """Checked before any model loads (in process: the CLI turns this UsageError into one line and exit 2, as above)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for tasks, needles in ((["no_such_task_xyz"], ("unknown lm-eval task", "no_such_task_xyz")),
+                           (["sums_local,hellaswag"], ("offline", "hellaswag"))):
+        with pytest.raises(UsageError) as e:
+            ev.run(cfg(model=str(tiny_base), out=str(tmp_path / "o"), tasks=tasks, task_dir=str(task_dir)))
+        assert "\n" not in str(e.value) and all(n in str(e.value) for n in needles) and "sums_local" not in str(e.value)
+    assert not (tmp_path / "o").exists()
 
 
 def test_bad_input_vs_without_common_prompts(tiny_base, tmp_path):
