@@ -89,3 +89,24 @@ def test_ppo_runs_on_every_family(family, lora, family_dir, tmp_path):
     assert set(stops) == {tok.convert_tokens_to_ids(IM_END), tok.convert_tokens_to_ids(EOT)}
     steps = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if '"score_mean"' in line]
     assert [d["step"] for d in steps] == [1, 2] and steps[0]["kl"] == pytest.approx(0.0, abs=1e-5)
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora-shared-base"])
+def test_memory_controls_and_kl_in_loss_on_a_hub_family(lora, family_dir, tmp_path):
+    """Gradient checkpointing, a chunked rollout, a cosine schedule with warmup and KL as a loss term together, on
+    qwen3 with hub generation settings: the run completes, starts at KL 0, and the optimizer saw the schedule."""
+    policy = family_dir("qwen3")
+    reward = (_lora_reward_artifact(policy, tmp_path / "reward", tmp_path / "scratch") if lora
+              else _reward_artifact(policy, tmp_path / "reward"))
+    out = tmp_path / "ppo"
+    ppo.run(build_config(PPOConfig, None, dict(
+        policy=str(policy), reward=str(reward), out=str(out), lora=lora, gradient_checkpointing=True,
+        rollout_micro_batch_size=3, lr_scheduler="cosine", warmup_steps=1, kl_in_loss=True, kl_estimator="k3",
+        **{**TINY, "max_steps": 3, "eval_every": 3})))
+    steps = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if '"score_mean"' in line]
+    assert [d["step"] for d in steps] == [1, 2, 3]
+    assert steps[0]["kl"] == pytest.approx(0.0, abs=1e-5) and steps[0]["kl_loss"] == pytest.approx(0.0, abs=1e-5)
+    assert steps[1]["kl_loss"] > 0  # the actor moved off the reference and the loss term sees it
+    # warmup: (0+1)/1; then (1 + cos(π p))/2 with p = (i - 1)/(3 - 1): 1 at i = 1, 0.5 at i = 2
+    assert [d["lr"] for d in steps] == pytest.approx([1e-2, 1e-2, 5e-3])
+    assert _changed(policy, out)

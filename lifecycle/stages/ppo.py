@@ -540,7 +540,7 @@ def run(cfg: PPOConfig, *, reward_fn: RewardFn | None = None) -> Path:
 
             # -- 6. metrics, watchdog, evaluation, checkpoint ------------------------------------------
             m = iteration_metrics(acc, r, samples, entropy, ev, stats, n_updates, all_scores)
-            m.update(beta=beta, updates=n_updates, epochs_stopped_early=int(stopped_early), rollout_seconds=t_roll,
+            m.update(beta=beta, lr=opt.param_groups[0]["lr"], updates=n_updates, epochs_stopped_early=int(stopped_early), rollout_seconds=t_roll,
                      update_seconds=t_upd, generate_seconds=t_gen, episodes=step * G,
                      rollout_tokens_per_second=acc.reduce(r.response_mask.sum(), reduction="sum").item() / max(t_gen, 1e-9))
             if not cfg.prompts:  # built-in world: gold accuracy of the sampled training responses
