@@ -425,6 +425,8 @@ def evaluate(specs: list[Spec], cfg: EvalConfig, rm, parents: dict[str, str]) ->
     sets = {"text": docs}
     if ep is not None:
         sets["prompts"] = [" ".join(mm["content"] for mm in p) for p in ep.prompts]
+    elif world_problems is not None:
+        sets["world problems"] = [p.question for p in world_problems]
     sets["tasks"] = task_items(cfg)
     if cfg.decontaminate:
         say("eval: decontamination (13-gram overlap with the training data the manifests name)")
