@@ -226,8 +226,10 @@ def test_report_hook_is_a_no_op_outside_a_sweep():
 
 
 def test_shipped_space_files_load():
-    for path in sorted((ROOT / "recipes" / "sweeps").glob("*.yaml")):
-        stage = path.stem.split("-")[0]
+    paths = sorted([*(ROOT / "recipes").rglob("sweep-*.yaml"), *(ROOT / "examples").glob("sweep-*.yaml")])
+    assert paths
+    for path in paths:
+        stage = path.stem.removeprefix("sweep-")
         cfg = SweepConfig(stage=stage, space=str(path), out="/tmp/sweep-check")
         space = sweep.check(cfg)
         assert space.params and space.objective in sweep.METRICS[stage]
