@@ -684,47 +684,6 @@ class SweepConfig:
 
 
 # ---------------------------------------------------------------------------
-# `llm sweep` (the search is lifecycle/sweep.py; the space is a YAML file of its own, see docs/sweep.md)
-# ---------------------------------------------------------------------------
-@dataclass
-class SweepConfig:
-    """`llm sweep`: run one stage many times under Optuna (TPE, random or grid), pruning bad trials early; each trial is a normal artifact."""
-
-    stage: str = opt(..., "The stage each trial runs: pretrain | sft | reward | ppo.", argument=True)
-    space: str = opt("", "Search space YAML (required): the options to search, the objective metric and its direction (docs/sweep.md).")
-    out: str = opt("", "Sweep directory (required): OUT/trial-N per trial, OUT/sweep.md, OUT/best.yaml, OUT/plots, OUT/study.db.")
-    recipe: str = opt("", "Stage recipe YAML every trial starts from; the space's values override it.", flag="--config")
-    trials: int = opt(0, "Trials in the study, finished ones included (a rerun adds the missing ones); 0: the space file's `trials`, else 20.")
-    sampler: str = opt("", "tpe | random | grid; empty: the space file's `sampler`, else tpe.")
-    pruner: str = opt("", "median | halving | none: stop trials whose periodic held-out metric lags; empty: the space file's, else median.")
-    storage: str = opt("", "Optuna storage URL shared by every worker (default sqlite:///OUT/study.db); several machines may point at one database.")
-    study: str = opt("", "Study name in the storage (default: sweep-<stage>).")
-    workers: int = opt(1, "Processes on this machine, each running trials of the one study.")
-    gpu_memory: Optional[str] = opt(None, "Memory per GPU (80GiB, 24GB, ...): a trial whose memory estimate exceeds it is pruned before it loads a model (default: the CUDA device's memory; none on CPU).")
-    seed: int = opt(0, "Seed of the sampler (a trial's own seed is the stage's `seed` option).")
-
-    def validate(self) -> list[str]:
-        p = []
-        if self.stage not in STAGE_CONFIGS:
-            p.append(f"stage {self.stage!r} cannot be swept; expected one of {', '.join(STAGE_CONFIGS)}")
-        if not self.space:
-            p.append("--space is required (a search-space YAML such as recipes/sweeps/pretrain-default.yaml)")
-        if not self.out:
-            p.append("--out is required (the sweep directory)")
-        elif Path(self.out).exists() and not Path(self.out).is_dir():
-            p.append(f"--out {self.out} is a file; give a directory path")
-        if self.trials < 0:
-            p.append(f"trials={self.trials}; must be >= 0 (0: the space file's)")
-        if self.sampler not in ("", "tpe", "random", "grid"):
-            p.append(f"sampler={self.sampler!r}; expected tpe, random or grid")
-        if self.pruner not in ("", "median", "halving", "none"):
-            p.append(f"pruner={self.pruner!r}; expected median, halving or none")
-        if self.workers < 1:
-            p.append(f"workers={self.workers}; must be at least 1")
-        return p
-
-
-# ---------------------------------------------------------------------------
 # Loading, overriding, validating
 # ---------------------------------------------------------------------------
 def _coerce(name: str, value: Any, typ: Any) -> Any:
