@@ -1,7 +1,7 @@
-"""PPO throughput: rollout tokens/s and update time per iteration, on the default recipe.
+"""PPO throughput and memory: rollout and update time and peak memory per iteration, on the default recipe.
 
-    python bench/ppo.py                       # 12 iterations with 1 and with 2 threads; writes docs/BENCHMARKS.md
-    python bench/ppo.py --iterations 6 --threads 1 --no-write
+    python bench/ppo.py                       # 12 iterations: 1 and 2 threads, then rollout_micro_batch_size 32
+    python bench/ppo.py --iterations 6 --threads 1 --rollout-chunks 0 --no-write
     python bench/ppo.py --policy DIR --reward DIR
 
 Runs the real loop (lifecycle/stages/ppo.py) on runs/default/sft and
@@ -11,8 +11,10 @@ per-iteration timings the loop logs to OUT/log.jsonl: generation time (batched
 sampling with a KV cache), the whole rollout (generation + actor, reference,
 critic and reward-model passes, GAE) and the update (4 epochs x 2 minibatches of
 actor and critic forward/backward + AdamW). The first iteration is warm-up and is
-left out; the medians of the rest are reported. Each thread count runs in its own
-process (torch fixes its thread pool at start-up).
+left out; the medians of the rest are reported, with the loop's per-iteration peak
+memory of the rollout and of the update (resident memory on the CPU, allocated
+memory on a GPU). Each setting runs in its own process (torch fixes its thread
+pool at start-up, and a process's memory high-water mark is its own).
 """
 
 from __future__ import annotations
@@ -72,14 +74,17 @@ def measure(args) -> dict:
         out = Path(tmp) / "ppo"
         cfg = build_config(PPOConfig, str(ROOT / "recipes/default/ppo.yaml"), {
             "policy": policy, "reward": reward, "out": str(out), "max_steps": args.iterations,
-            "eval_every": 10_000, "eval_prompts": 50, "save_every": 0, "log_every": 10_000})
+            "eval_every": 10_000, "eval_prompts": 50, "save_every": 0, "log_every": 10_000,
+            "rollout_micro_batch_size": args.rollout_micro_batch_size})
         t0 = time.perf_counter()
         ppo.run(cfg)
         wall = time.perf_counter() - t0
         rows = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines() if x.strip()]
     its = [r for r in rows if "rollout_seconds" in r][1:]  # drop the warm-up iteration
     med = lambda k: statistics.median(r[k] for r in its)  # noqa: E731
-    return {"threads": args.one_run, "models": models, "wall": wall, "gen_tps": med("rollout_tokens_per_second"),
+    mem = {k: med(k) if all(k in r for r in its) else float("nan") for k in ("rollout_peak_mib", "update_peak_mib")}
+    return {"threads": args.one_run, "chunk": args.rollout_micro_batch_size, **mem, "models": models, "wall": wall,
+            "gen_tps": med("rollout_tokens_per_second"),
             "gen_s": med("generate_seconds"), "roll_s": med("rollout_seconds"), "upd_s": med("update_seconds"),
             "tokens": statistics.median(r["response_length"] for r in its) * cfg.prompts_per_rollout}
 
@@ -92,6 +97,9 @@ def main() -> None:
     ap.add_argument("--threads", default="1,2", help="comma-separated torch thread counts, one run each")
     ap.add_argument("--policy", default=str(ROOT / "runs/default/sft"))
     ap.add_argument("--reward", default=str(ROOT / "runs/default/reward"))
+    ap.add_argument("--rollout-chunks", default="32", help="comma-separated rollout_micro_batch_size values, each "
+                    "measured with the first thread count (0 = the whole rollout batch; already measured)")
+    ap.add_argument("--rollout-micro-batch-size", type=int, default=0, help=argparse.SUPPRESS)  # internal
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--one-run", type=int, default=0, help=argparse.SUPPRESS)  # internal: one measurement, JSON out
     args = ap.parse_args()
@@ -101,34 +109,45 @@ def main() -> None:
         return
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     results = []
-    for n in [int(t) for t in args.threads.split(",") if t.strip()]:
+    threads = [int(t) for t in args.threads.split(",") if t.strip()]
+    chunks = [int(c) for c in args.rollout_chunks.split(",") if c.strip() and int(c) > 0]
+    for n, chunk in [(n, 0) for n in threads] + [(threads[0], c) for c in chunks]:
         cmd = [sys.executable, __file__, "--one-run", str(n), "--iterations", str(args.iterations),
-               "--policy", args.policy, "--reward", args.reward]
+               "--policy", args.policy, "--reward", args.reward, "--rollout-micro-batch-size", str(chunk)]
         p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(n)})
         line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if p.returncode != 0 or line is None:
-            sys.exit(f"benchmark run with {n} thread(s) failed:\n{p.stderr[-2000:]}")
+            sys.exit(f"benchmark run with {n} thread(s), rollout chunks of {chunk or 'all'} failed:\n{p.stderr[-2000:]}")
         r = json.loads(line[len("RESULT "):])
         results.append(r)
-        print(f"{n} thread(s): generation {r['gen_s']:.2f} s ({r['gen_tps']:,.0f} tokens/s), rollout {r['roll_s']:.2f} s, "
-              f"update {r['upd_s']:.2f} s, {r['roll_s'] + r['upd_s']:.2f} s per iteration")
+        print(f"{n} thread(s), rollout chunks of {chunk or 'all'}: generation {r['gen_s']:.2f} s ({r['gen_tps']:,.0f} "
+              f"tokens/s), rollout {r['roll_s']:.2f} s, update {r['upd_s']:.2f} s, {r['roll_s'] + r['upd_s']:.2f} s per "
+              f"iteration; peak memory rollout {r['rollout_peak_mib']:,.0f} MiB, update {r['update_peak_mib']:,.0f} MiB")
     lines = [
-        "## PPO: rollout and update time per iteration",
+        "## PPO: rollout and update time and peak memory per iteration",
         "",
-        f"Machine: {machine()}. Command: `python bench/ppo.py --iterations {args.iterations} --threads {args.threads}`.",
+        f"Machine: {machine()}. Command: `python bench/ppo.py --iterations {args.iterations} --threads {args.threads} "
+        f"--rollout-chunks {args.rollout_chunks}`.",
         f"Models: {results[0]['models']}; recipe `recipes/default/ppo.yaml` (128 prompts, up to 5 new tokens, "
         "4 epochs x 2 minibatches of 64). Medians over iterations 2-" + f"{args.iterations}.",
         f"The machine's 1-minute load average at the start was {load:.1f}"
         + (" (other jobs shared the cores, so these times are inflated)" if load > 1.0 else "") + ".",
         "",
-        "| torch threads | generation (batched sampling, KV cache) | whole rollout (generation + actor, reference, critic and reward passes, GAE) "
-        f"| update (8 minibatch steps of actor and critic forward/backward + AdamW) | iteration | whole run of {args.iterations} iterations "
+        "Peak memory is the process's resident memory during each phase of an iteration (the loop resets the "
+        "high-water mark at the start of the iteration and after the rollout), so it includes the four models, "
+        "Python and torch themselves.",
+        "",
+        "| torch threads | rollout_micro_batch_size | generation (batched sampling, KV cache) | whole rollout (generation + "
+        "actor, reference, critic and reward passes, GAE) | update (8 minibatch steps of actor and critic forward/backward "
+        f"+ AdamW) | iteration | peak memory: rollout / update | whole run of {args.iterations} iterations "
         "(loading, held-out evals, stalls included) |",
-        "|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        lines.append(f"| {r['threads']} | {r['gen_s']:.2f} s, {r['gen_tps']:,.0f} generated tokens/s ({r['tokens']:.0f} tokens) | "
-                     f"{r['roll_s']:.2f} s | {r['upd_s']:.2f} s | {r['roll_s'] + r['upd_s']:.2f} s | {r['wall']:.0f} s |")
+        lines.append(f"| {r['threads']} | {r['chunk'] or 'all (128)'} | {r['gen_s']:.2f} s, {r['gen_tps']:,.0f} generated "
+                     f"tokens/s ({r['tokens']:.0f} tokens) | {r['roll_s']:.2f} s | {r['upd_s']:.2f} s | "
+                     f"{r['roll_s'] + r['upd_s']:.2f} s | {r['rollout_peak_mib']:,.0f} / {r['update_peak_mib']:,.0f} MiB | "
+                     f"{r['wall']:.0f} s |")
     if not args.no_write:
         write_section("ppo", "\n".join(lines))
         print("wrote docs/BENCHMARKS.md")

@@ -421,6 +421,24 @@ def iteration_metrics(acc, r: Rollout, samples: list[Sample], entropy, ev, stats
     return m
 
 
+def peak_memory_mib(device, reset: bool = True) -> float | None:
+    """This process's memory high-water mark since the last reset, in MiB: allocated GPU memory on CUDA, resident
+    memory (VmHWM, reset through /proc/self/clear_refs) on the CPU; None where it cannot be read."""
+    try:
+        if torch.device(device).type == "cuda":
+            peak = torch.cuda.max_memory_allocated(device) / 2**20
+            if reset:
+                torch.cuda.reset_peak_memory_stats(device)
+            return peak
+        status = Path("/proc/self/status").read_text()
+        peak = int(next(ln.split()[1] for ln in status.splitlines() if ln.startswith("VmHWM:"))) / 1024
+        if reset:
+            Path("/proc/self/clear_refs").write_text("5")
+        return peak
+    except (OSError, StopIteration, ValueError, RuntimeError):
+        return None
+
+
 def _gold(m: dict) -> str:
     return f" | gold {100 * m['eval_gold_accuracy']:.1f}%" if "eval_gold_accuracy" in m else ""
 
@@ -510,6 +528,7 @@ def run(cfg: PPOConfig, *, reward_fn: RewardFn | None = None) -> Path:
     t_start = time.perf_counter()
     with training.GracefulStop() as stop_signal:
         while step < total:
+            peak_memory_mib(acc.device)  # reset: the two peaks below are this iteration's
             t0 = time.perf_counter()
             idx = training.batch_indices(step, G, len(train_prompts), cfg.seed, rng="python")[rank * B : (rank + 1) * B]
             prompts, raw = [train_prompts[i] for i in idx], [raw_train[i] for i in idx]
@@ -529,6 +548,7 @@ def run(cfg: PPOConfig, *, reward_fn: RewardFn | None = None) -> Path:
             beta = st.kl_ctl.value
             ev = advantages(r, score, 0.0 if cfg.kl_in_loss else beta, cfg)
             t_roll = time.perf_counter() - t0
+            mem_roll = peak_memory_mib(acc.device)
 
             # -- 5. PPO epochs over minibatches --------------------------------------------------------
             t1 = time.perf_counter()
@@ -536,10 +556,13 @@ def run(cfg: PPOConfig, *, reward_fn: RewardFn | None = None) -> Path:
                 set_lr(opt, step, cfg)
             stats, n_updates, stopped_early = ppo_update(roles, r, opt, acc, cfg, MB, micro, beta)
             t_upd = time.perf_counter() - t1
+            mem_upd = peak_memory_mib(acc.device, reset=False)
             step += 1
 
             # -- 6. metrics, watchdog, evaluation, checkpoint ------------------------------------------
             m = iteration_metrics(acc, r, samples, entropy, ev, stats, n_updates, all_scores)
+            if mem_roll is not None and mem_upd is not None:
+                m.update(rollout_peak_mib=mem_roll, update_peak_mib=mem_upd)
             m.update(beta=beta, lr=opt.param_groups[0]["lr"], updates=n_updates, epochs_stopped_early=int(stopped_early), rollout_seconds=t_roll,
                      update_seconds=t_upd, generate_seconds=t_gen, episodes=step * G,
                      rollout_tokens_per_second=acc.reduce(r.response_mask.sum(), reduction="sum").item() / max(t_gen, 1e-9))
