@@ -288,6 +288,12 @@ def test_explain_prints_the_batch_hierarchy(tiny_base, tiny_reward, tmp_path, ca
               "19,200 episodes", "actor", "reference", "reward", "critic", "MiB"):
         assert s in text, s
     assert not out.exists()  # nothing written
+    ppo.explain(build_config(PPOConfig, None, dict(policy=str(tiny_base), reward=str(tiny_reward), out=str(out), explain=True,
+                                                  rollout_micro_batch_size=48, gradient_checkpointing=True,
+                                                  lr_scheduler="cosine", warmup_steps=5)))
+    text = capsys.readouterr().out
+    for s in ("rollout chunks    3 per process of up to 48", "gradient checkpointing on", "cosine after 5 warmup"):
+        assert s in text, s
 
 
 @pytest.mark.parametrize("name", ["ppo.yaml", "ppo-hacking.yaml"])

@@ -124,12 +124,18 @@ def explain(cfg: PPOConfig) -> str:
         "PPO batch hierarchy (one iteration):",
         f"  rollout batch     {G} prompts ({B} per process x {W} process{'es' if W > 1 else ''}), 1 response each "
         f"of at most {cfg.max_new_tokens} tokens -> {G} episodes (sequences up to {seq} tokens)",
+        *([f"  rollout chunks    {-(-B // cfg.rollout_micro_batch_size)} per process of up to "
+           f"{cfg.rollout_micro_batch_size} episodes (generation, actor, reference, critic and reward passes)"]
+          if 0 < cfg.rollout_micro_batch_size < B else []),
         f"  PPO epochs        {cfg.ppo_epochs} passes over the batch",
         f"  minibatches       {n_mb} per epoch of {cfg.minibatch_size} episodes ({MB} per process)",
         f"  micro-batches     {-(-MB // micro)} per minibatch per process, of up to {micro} episodes (gradient accumulation)",
         f"  optimizer steps   {cfg.ppo_epochs * n_mb} per iteration for the actor and for the critic "
         f"(fewer if approx KL stops an epoch early)",
         f"  run               {steps} iterations -> {steps * G:,} episodes, {steps * cfg.ppo_epochs * n_mb:,} optimizer steps",
+        *(["  gradient checkpointing on for actor and critic"] if cfg.gradient_checkpointing else []),
+        *([f"  learning rate     {cfg.lr_scheduler}" + (f" after {cfg.warmup_steps} warmup iterations" if cfg.warmup_steps else "")]
+          if cfg.lr_scheduler != "constant" or cfg.warmup_steps else []),
         "",
         _estimate_table(inputs, cfg, micro, seq, W),
     ])
