@@ -779,3 +779,13 @@ def test_golden_numbers_of_a_fixed_tiny_run(tiny_base, tiny_reward, tmp_path):
         for k, v in row.items():
             assert got[step][k] == pytest.approx(v, rel=1e-4, abs=1e-6), (step, k, got[step][k], v)
     assert set(GOLDEN) == {1, 2}
+
+
+def test_bad_options_of_the_new_controls(tmp_path):
+    from lifecycle.errors import UsageError
+
+    base = dict(policy="p", reward="r", out=str(tmp_path / "o"))
+    for extra, needle in ((dict(kl_in_loss=True), "kl_estimator=k3"), (dict(lr_scheduler="step"), "lr_scheduler='step'"),
+                          (dict(warmup_steps=-1), "warmup_steps=-1"), (dict(rollout_micro_batch_size=-2), "rollout_micro_batch_size=-2")):
+        with pytest.raises(UsageError, match=needle):
+            build_config(PPOConfig, None, {**base, **extra})
