@@ -667,7 +667,7 @@ class SweepConfig:
         if self.stage not in STAGE_CONFIGS:
             p.append(f"stage {self.stage!r} cannot be swept; expected one of {', '.join(STAGE_CONFIGS)}")
         if not self.space:
-            p.append("--space is required (a search-space YAML such as examples/sweep-pretrain.yaml)")
+            p.append("--space is required (a search-space YAML such as recipes/default/sweep-pretrain.yaml)")
         if not self.out:
             p.append("--out is required (the sweep directory)")
         elif Path(self.out).exists() and not Path(self.out).is_dir():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -170,5 +171,12 @@ def test_every_recipe_file_is_checked():
         if p.name == "run.yaml":
             for stage, path, inline in load_recipe(str(p.parent)):
                 build_config(STAGE_CONFIGS[stage], path, {"out": "x", **inline}, check=False)
+        elif p.stem.startswith("sweep-"):  # a search space: its stage's config at every corner of the space
+            from lifecycle.config import SweepConfig
+            from lifecycle.sweep import check
+
+            stage = p.stem.removeprefix("sweep-")
+            recipe = ROOT / "recipes/default" / f"{stage}.yaml"
+            check(SweepConfig(stage=stage, space=str(p), recipe=str(recipe), out=str(Path("/tmp") / f"sweep-check-{os.getpid()}")))
         else:
             assert p in STAGE_RECIPES or "accelerate" in p.parts, p
