@@ -252,7 +252,11 @@ class Settings:
 def _apply_lora(model, st: Settings, head: str):
     from peft import LoraConfig, get_peft_model
 
-    lcfg = LoraConfig(r=st.lora_r, lora_alpha=2 * st.lora_r, lora_dropout=st.lora_dropout, target_modules="all-linear",
+    from lifecycle.modeling import is_moe
+
+    # As the stages load it (modeling.lora_config): peft takes no dropout on fused expert weights.
+    dropout = 0.0 if is_moe(model.config) else st.lora_dropout
+    lcfg = LoraConfig(r=st.lora_r, lora_alpha=2 * st.lora_r, lora_dropout=dropout, target_modules="all-linear",
                       task_type="SEQ_CLS" if head == "score" else "CAUSAL_LM")
     # peft moves and casts each new adapter with Module.to, which swaps parameters in place: fake tensors
     # refuse that (their fake mode holds weak references), so cast by replacing the parameters instead
