@@ -26,9 +26,10 @@ demo: install
 	$(BIN)/llm run --out $(OUT)
 
 # Tests use tiny models: one thread per process is as fast and does not thrash
-# when a test runs several processes at once.
+# when a test runs several processes at once. Two pytest workers, one per core
+# (each test file stays on one worker, so its module fixtures are built once).
 test: install
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest tests
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 --dist loadfile tests
 
 bench: install
 	$(BIN)/python bench/pretrain.py

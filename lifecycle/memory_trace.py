@@ -301,8 +301,17 @@ def add_trl_fused_head(model) -> None:
     add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))
 
 
+def _fake_mode() -> FakeTensorMode:
+    """A FakeTensorMode without its dispatch cache: with the cache on, building some models (Gemma 3's
+    rotary init, a reward head) crashed the process in torch 2.13 when several traces ran in one process."""
+    import torch._dynamo.config as dynamo_config
+
+    with dynamo_config.patch(fake_tensor_cache_enabled=False):
+        return FakeTensorMode()
+
+
 def _trace_once(cfg: dict, st: Settings, b: int, s: int, per_layer: bool = False) -> dict:
-    mode = FakeTensorMode()
+    mode = _fake_mode()
     model, impl = build_fake(cfg, head=st.head, attn=st.attn, pdt=st.pdt, mode=mode)
     with _quiet(), mode, _fake_friendly():
         if st.method != "full":
@@ -419,7 +428,7 @@ def trace(cfg: dict, st: Settings, b: int, s: int, per_layer: bool = False) -> d
 
 @functools.lru_cache(maxsize=16)
 def _params_cached(cfg_json: str, head: str) -> tuple:
-    mode = FakeTensorMode()
+    mode = _fake_mode()
     model, _ = build_fake(json.loads(cfg_json), head=head, attn="sdpa", pdt=4, mode=mode)
     conf = text_config(model.config)
     return tuple(param_specs(model, head)), _dims(conf)
@@ -433,7 +442,7 @@ def params(cfg: dict, head: str = "lm") -> tuple[list[ParamSpec], dict]:
 
 @functools.lru_cache(maxsize=16)
 def _lora_cached(cfg_json: str, head: str, r: int) -> tuple:
-    mode = FakeTensorMode()
+    mode = _fake_mode()
     model, _ = build_fake(json.loads(cfg_json), head=head, attn="sdpa", pdt=4, mode=mode)
     st = Settings(head=head, method="lora", pdt=4, adt=4, half=2, autocast=False, attn="sdpa", ckpt=False, lora_r=r,
                   lora_dropout=0.0)

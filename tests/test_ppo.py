@@ -349,8 +349,13 @@ def test_two_processes_hold_identical_weights(tiny_base, tiny_reward, tmp_path):
 
     out = tmp_path / "ddp"
     sets = [f"{k}={v}" for k, v in {**SMALL, "debug_digest": True, "eval_every": 2, "lr": 1e-3}.items()]
+    import socket
+
+    with socket.socket() as s:  # a free port: another test may be running its own process group
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "lifecycle", "ppo",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port), "-m", "lifecycle", "ppo",
            "--policy", str(tiny_base), "--reward", str(tiny_reward), "--out", str(out), "--max-steps", "2"]
     for s in sets:
         cmd += ["--set", s]
