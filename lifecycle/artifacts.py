@@ -19,16 +19,18 @@ No torch import at module top.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import json
+import logging
 import os
 import platform
 import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from lifecycle.errors import UsageError
 
@@ -239,6 +241,30 @@ def parent_record(art: Artifact) -> dict:
 # ---------------------------------------------------------------------------
 # Writing
 # ---------------------------------------------------------------------------
+@contextlib.contextmanager
+def quiet_saving() -> Iterator[None]:
+    """Around a save of model weights: no "Removed shared tensor" warning and no "Writing model shards" bar.
+
+    Both come from tied input/output embeddings and from transformers' shard loop:
+    Accelerate's save_state drops the tied copy and says so at WARNING on every
+    save, although loading restores the tie; save_pretrained shows a progress bar
+    even for one shard. Only these two are turned off, and only while saving.
+    """
+    import transformers
+
+    log = logging.getLogger("accelerate.utils.other")
+    level = log.level
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    log.setLevel(logging.ERROR)
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+        if bars:
+            transformers.utils.logging.enable_progress_bar()
+
+
 def staging_dir(out: Path) -> Path:
     """A fresh staging directory inside `out` (same filesystem, so renames are atomic)."""
     out = Path(out)
@@ -321,7 +347,6 @@ def save_model_artifact(
     more files there (an adapter, a critic) before publishing.
     """
     from lifecycle.tokenizer import save_tokenizer
-    from lifecycle.training import quiet_saving
 
     out = Path(out)
     staging = staging_dir(out)

@@ -30,7 +30,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from lifecycle.artifacts import atomic_write_json
+from lifecycle.artifacts import atomic_write_json, quiet_saving
 from lifecycle.errors import UsageError
 
 ROOT = "checkpoints"
@@ -181,7 +181,6 @@ def save_checkpoint(accelerator, out: str | Path, step: int, state: dict, keep: 
     All processes call this (Accelerate saves each rank's RNG); the main process
     renames the finished directory into place and prunes old checkpoints.
     """
-    from lifecycle.training import quiet_saving
 
     root = checkpoint_root(out)
     final = root / f"step-{step:06d}"

@@ -38,7 +38,6 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -49,6 +48,7 @@ from lifecycle.config import EvalConfig, check_config
 from lifecycle.data import world
 from lifecycle.data.prompts import as_user_turns, check_prompt
 from lifecycle.errors import UsageError
+from lifecycle.evaluation import Loaded
 from lifecycle.evaluation.contamination import contaminated, decontamination  # noqa: F401  (contaminated: re-exported)
 from lifecycle.evaluation.harness import harness, task_items, task_manager  # noqa: F401
 from lifecycle.evaluation.report import write_outputs
@@ -65,16 +65,6 @@ BOOTSTRAP = 2000
 # ---------------------------------------------------------------------------
 # Loading a model: a causal-LM artifact, or a directory holding a LoRA adapter
 # ---------------------------------------------------------------------------
-@dataclass
-class Loaded:
-    name: str  # what the report calls it
-    path: str
-    model: Any
-    tokenizer: Any
-    manifest: dict | None
-    adapter: str | None = None  # the adapter directory when the model is base + LoRA
-
-
 def adapter_dir(path: Path) -> Path | None:
     """The LoRA adapter a directory holds instead of a full model: DIR itself, or DIR/adapter of `llm sft --no-merge`."""
     for d in (path, path / "adapter"):

@@ -16,7 +16,8 @@ from typing import Any
 
 from lifecycle import artifacts, checkpoints
 from lifecycle.errors import UsageError
-from lifecycle.training import check_memory, check_tracker, format_eta, quiet, quiet_saving, say, tensorboard_dir  # noqa: F401
+from lifecycle.artifacts import quiet_saving
+from lifecycle.training import format_eta, tensorboard_dir
 
 
 # ---------------------------------------------------------------------------

@@ -11,7 +11,6 @@ this before they need torch.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -19,7 +18,7 @@ import shutil
 import signal
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from lifecycle.errors import UsageError
 
@@ -49,30 +48,6 @@ def quiet() -> None:
     datasets.logging.set_verbosity_error()
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
-
-
-@contextlib.contextmanager
-def quiet_saving() -> Iterator[None]:
-    """Around a save of model weights: no "Removed shared tensor" warning and no "Writing model shards" bar.
-
-    Both come from tied input/output embeddings and from transformers' shard loop:
-    Accelerate's save_state drops the tied copy and says so at WARNING on every
-    save, although loading restores the tie; save_pretrained shows a progress bar
-    even for one shard. Only these two are turned off, and only while saving.
-    """
-    import transformers
-
-    log = logging.getLogger("accelerate.utils.other")
-    level = log.level
-    bars = transformers.utils.logging.is_progress_bar_enabled()
-    log.setLevel(logging.ERROR)
-    transformers.utils.logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        log.setLevel(level)
-        if bars:
-            transformers.utils.logging.enable_progress_bar()
 
 
 def format_eta(seconds: float) -> str:

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from lifecycle import checkpoints
+from lifecycle import artifacts, checkpoints
 from lifecycle.config import PretrainConfig, SFTConfig, build_config
 from lifecycle.errors import UsageError
 
@@ -155,7 +155,7 @@ def test_checkpoint_saves_print_no_tied_weight_warning_and_no_shard_bar(tmp_path
     caplog.set_level(logging.WARNING)
     capfd.readouterr()
     ck = checkpoints.save_checkpoint(acc, tmp_path, 1, {"x": 1}, keep=2)
-    with training.quiet_saving():
+    with artifacts.quiet_saving():
         acc.unwrap_model(model).save_pretrained(tmp_path / "model")
     err = capfd.readouterr().err
     assert "Removed shared tensor" not in err + caplog.text and "Writing model shards" not in err, err

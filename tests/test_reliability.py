@@ -167,7 +167,7 @@ def test_run_from_manifest_repeats_the_metrics(tmp_path):
 
 def test_memory_preflight_refuses_unless_forced(monkeypatch, tiny_base):
     """A run the estimator says will not fit the device is refused before loading, unless --force."""
-    from lifecycle import artifacts, finetune, memory
+    from lifecycle import artifacts, memory, training
     from lifecycle.config import SFTConfig
     from lifecycle.errors import UsageError
 
@@ -175,9 +175,9 @@ def test_memory_preflight_refuses_unless_forced(monkeypatch, tiny_base):
     info = artifacts.check_artifact(str(tiny_base), artifacts.CAUSAL_LM, "--base")
     cfg = build_config(SFTConfig, None, {"out": "/tmp/x", "base": str(tiny_base)}, check=False)
     with pytest.raises(UsageError, match="fit"):
-        finetune.check_memory(cfg, info, "sft")
+        training.check_memory(cfg, info, "sft")
     cfg.force = True
-    finetune.check_memory(cfg, info, "sft")  # one warning line, no refusal
+    training.check_memory(cfg, info, "sft")  # one warning line, no refusal
     monkeypatch.setattr(memory, "device_memory", lambda *a, **k: 10**12)
     cfg.force = False
-    finetune.check_memory(cfg, info, "sft")
+    training.check_memory(cfg, info, "sft")

@@ -12,14 +12,13 @@ from __future__ import annotations
 import functools
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from lifecycle.config import EvalConfig
 from lifecycle.errors import UsageError
+from lifecycle.evaluation import Loaded
 from lifecycle.training import say
 
-if TYPE_CHECKING:
-    from lifecycle.eval import Loaded
 
 def _hub_offline() -> bool:
     return any(os.environ.get(k, "").lower() in ("1", "true", "yes") for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))

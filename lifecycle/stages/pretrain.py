@@ -340,7 +340,7 @@ def run(cfg: PretrainConfig) -> Path:
         m.generation_config.eos_token_id = tokenizer.eos_token_id
         m.generation_config.pad_token_id = tokenizer.pad_token_id
         staging = artifacts.staging_dir(out)
-        with training.quiet_saving():
+        with artifacts.quiet_saving():
             m.save_pretrained(staging, safe_serialization=True)
         save_tokenizer(tokenizer, staging)  # readable by transformers 4.x too
         artifacts.publish(staging, out, stage="pretrain", config=to_dict(cfg), metrics=metrics, parent=None, seed=cfg.seed)

@@ -31,7 +31,7 @@ import trl
 from datasets import Dataset
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from lifecycle import artifacts, finetune
+from lifecycle import artifacts, finetune, training
 from lifecycle.config import RewardConfig
 from lifecycle.data import formats, world
 from lifecycle.data.files import read_all
@@ -40,7 +40,7 @@ from lifecycle.generate import generate_batch, render_prompts
 from lifecycle.modeling import REWARD_HEAD, count_params, describe_trainable, load_causal_lm, load_for_training
 from lifecycle.reward_model import encode, pairwise_accuracy, score_tokens
 from lifecycle.tokenizer import load_tokenizer
-from lifecycle.finetune import say
+from lifecycle.training import say
 
 
 def user_pairs(cfg: RewardConfig) -> tuple[list[dict], list[dict]]:
@@ -120,13 +120,13 @@ def run(cfg: RewardConfig) -> Path:
     info = artifacts.check_artifact(cfg.base, artifacts.CAUSAL_LM, "--base")
     init = artifacts.check_artifact(cfg.init_from, artifacts.CAUSAL_LM, "--init-from") if cfg.init_from else info
     resuming = finetune.check_resume(cfg)
-    finetune.check_tracker(cfg)
-    finetune.check_memory(cfg, info, "reward")
+    training.check_tracker(cfg)
+    training.check_memory(cfg, info, "reward")
     builtin = not cfg.data
     train_pairs, eval_pairs = ([], []) if builtin else user_pairs(cfg)
 
     # 2. Pairs -------------------------------------------------------------
-    finetune.quiet()
+    training.quiet()
     finetune.set_threads(cfg)
 
 

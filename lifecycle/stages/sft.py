@@ -26,7 +26,7 @@ import trl
 from datasets import Dataset
 from transformers import TrainerCallback
 
-from lifecycle import artifacts, finetune
+from lifecycle import artifacts, finetune, training
 from lifecycle.config import SFTConfig
 from lifecycle.data import chat as chat_templates
 from lifecycle.data import formats, world
@@ -35,7 +35,7 @@ from lifecycle.errors import UsageError
 from lifecycle.generate import gold_accuracy
 from lifecycle.modeling import CAUSAL_HEAD, count_params, describe_trainable, load_for_training
 from lifecycle.tokenizer import load_tokenizer
-from lifecycle.finetune import say
+from lifecycle.training import say
 
 
 def load_rows(cfg: SFTConfig) -> tuple[str, list[dict], list[dict]]:
@@ -127,14 +127,14 @@ def run(cfg: SFTConfig) -> Path:
     requested = dataclasses.replace(cfg)  # what checkpoints record: the options as asked, before resolving
     cfg.max_length = finetune.inherit_max_length(cfg, info)  # 0: the parent's training length
     resuming = finetune.check_resume(requested)
-    finetune.check_tracker(cfg)
-    finetune.check_memory(cfg, info, "sft")
+    training.check_tracker(cfg)
+    training.check_memory(cfg, info, "sft")
     shape, train_rows, eval_rows = load_rows(cfg)
     builtin = not cfg.data
     say(f"sft: {len(train_rows)} training rows ({shape}{', built-in world' if builtin else ''}), {len(eval_rows)} held out")
 
     # 2. Tokenizer ---------------------------------------------------------
-    finetune.quiet()
+    training.quiet()
     finetune.set_threads(cfg)
 
 
