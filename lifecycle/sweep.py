@@ -22,7 +22,6 @@ from __future__ import annotations
 import math
 import os
 import socket
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -245,7 +244,7 @@ def predicted_fit(stage: str, cfg: Any, device_bytes: int | None) -> str | None:
     """
     import json
 
-    from lifecycle import memory, training
+    from lifecycle import training
 
     if stage == "pretrain":
         from lifecycle.modeling import model_config
@@ -257,22 +256,10 @@ def predicted_fit(stage: str, cfg: Any, device_bytes: int | None) -> str | None:
             model = json.loads((Path(base) / "config.json").read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError, UnicodeDecodeError):
             return None
-    if getattr(cfg, "qlora", False):
-        method = "qlora"
-    elif getattr(cfg, "lora", False) or getattr(cfg, "dora", False):
-        method = "lora"
-    else:
-        method = "full"
-    kw: dict[str, Any] = {"dtype": {"bf16": "bf16", "fp16": "fp16"}.get(cfg.mixed_precision, "fp32")}
-    if hasattr(cfg, "lora_r"):
-        kw["lora_r"] = cfg.lora_r
-    if getattr(cfg, "gradient_checkpointing", False):
-        kw["grad_ckpt"] = "full"
-    seq_len = getattr(cfg, "seq_len", None) or getattr(cfg, "max_length", 0) or 2048
-    batch = getattr(cfg, "batch_size", None) or getattr(cfg, "mini_batch_size", 1)
+    ppo = stage == "ppo"  # its episodes per forward/backward, and no seq_len/max_length of its own
     try:
-        memory.check_fits(model, stage=stage, method=method, batch_size=batch, seq_len=seq_len,
-                          device_bytes=device_bytes, force=False, echo=training.say, **kw)
+        training.check_memory(cfg, model, stage, batch_size=cfg.micro_batch_size if ppo else None,
+                              seq_len=2048 if ppo else None, device_bytes=device_bytes, force=False)
     except UsageError as e:
         return str(e).removesuffix("; pass --force to try anyway")
     return None
@@ -432,7 +419,6 @@ def _counted(study) -> int:
 
 def run_worker(cfg: SweepConfig, index: int = 0) -> None:
     """One worker: run trials of the study until it holds `trials` finished or running ones."""
-    import optuna
     from optuna.trial import TrialState
 
     space = load_space(cfg.space, cfg.stage, cfg)

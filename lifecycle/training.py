@@ -84,7 +84,7 @@ def project_config(out: str | Path):
 
 
 def check_memory(cfg: Any, model: Any, stage: str, *, batch_size: int | None = None, seq_len: int | None = None,
-                 gpus: int = 1, echo=None):
+                 gpus: int = 1, echo=None, device_bytes: int | None = None, force: bool | None = None):
     """The memory estimator's verdict for a stage config: refuse (unless --force) a run that will not fit the GPU.
 
     `model` is a model config (a config.json's content as a dict) or an input
@@ -92,6 +92,8 @@ def check_memory(cfg: Any, model: Any, stage: str, *, batch_size: int | None = N
     config's micro-batch, the sequence its seq_len (pretrain) or max_length, unless
     given. Returns the estimate, or None where there is nothing to estimate (a hub
     id, or an architecture the estimator cannot model: it says so in one line).
+    `device_bytes` stands for the GPU's memory (default: ask the device), `force`
+    for the config's --force (a sweep asks without forcing).
     """
     from lifecycle import memory
 
@@ -119,7 +121,8 @@ def check_memory(cfg: Any, model: Any, stage: str, *, batch_size: int | None = N
     if not seq_len:  # sft's max_length 0 before the stage resolves it: the model's context, at most 2048
         seq_len = min(2048, model.get("max_position_embeddings") or model.get("n_positions") or 2048)
     return memory.check_fits(model, stage=stage, method=method, batch_size=batch_size or cfg.batch_size,
-                             seq_len=seq_len, force=cfg.force, gpus=gpus, echo=echo or say, **kw)
+                             seq_len=seq_len, force=cfg.force if force is None else force, gpus=gpus,
+                             device_bytes=device_bytes, echo=echo or say, **kw)
 
 
 # ---------------------------------------------------------------------------
