@@ -50,7 +50,10 @@ def test_luhn_and_pii_placeholders():
 
 
 def test_gopher_rules_each_fire_on_their_case():
-    rules = T.GopherRules()
+    from lifecycle.config import DataConfig
+    from lifecycle.data.prep.pipeline import gopher_rules
+
+    rules = gopher_rules(DataConfig())  # the paper's thresholds, DataConfig's defaults
     filler = ("the river and the garden of stone have music with paper that travels to a bright market "
               "where morning light falls on ancient windows and silver boats drift past the old harbour walls ")
     clean = (filler * 3).strip()

@@ -12,7 +12,7 @@ import ipaddress
 import re
 import unicodedata
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 # ---------------------------------------------------------------------------
 # Normalisation
@@ -137,23 +137,24 @@ ELLIPSES = ("...", "…")
 
 @dataclass(frozen=True)
 class GopherRules:
-    """Thresholds of the Gopher quality and repetition rules (defaults: the paper's)."""
+    """Thresholds of the Gopher quality and repetition rules. Their defaults (the paper's) and help are
+    DataConfig's fields; `lifecycle.data.prep.pipeline.gopher_rules(cfg)` builds this from a config."""
 
-    min_words: int = 50
-    max_words: int = 100_000
-    min_mean_word_length: float = 3.0
-    max_mean_word_length: float = 10.0
-    max_symbol_word_ratio: float = 0.1
-    max_bullet_lines: float = 0.9
-    max_ellipsis_lines: float = 0.3
-    min_alpha_words: float = 0.8
-    min_stop_words: int = 2
-    max_dup_line_fraction: float = 0.3
-    max_dup_paragraph_fraction: float = 0.3
-    max_dup_line_chars: float = 0.2
-    max_dup_paragraph_chars: float = 0.2
-    top_ngram_chars: dict = field(default_factory=lambda: {2: 0.20, 3: 0.18, 4: 0.16})
-    dup_ngram_chars: dict = field(default_factory=lambda: {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10})
+    min_words: int
+    max_words: int
+    min_mean_word_length: float
+    max_mean_word_length: float
+    max_symbol_word_ratio: float
+    max_bullet_lines: float
+    max_ellipsis_lines: float
+    min_alpha_words: float
+    min_stop_words: int
+    max_dup_line_fraction: float
+    max_dup_paragraph_fraction: float
+    max_dup_line_chars: float
+    max_dup_paragraph_chars: float
+    top_ngram_chars: dict
+    dup_ngram_chars: dict
 
 
 def _dup_fractions(parts: list[str]) -> tuple[float, float]:
