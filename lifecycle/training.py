@@ -346,27 +346,105 @@ def flops_per_token(config, seq_len: int) -> float:
     return 6 * n_matmul + 12 * layers * heads * head_dim * seq_len
 
 
+# Published dense peaks of NVIDIA cards (datasheets, without sparsity), FLOP/s:
+# (bf16/fp16 on tensor cores, fp32 without TF32, which torch leaves off for matmuls by default).
+# Looked up by substring of torch.cuda.get_device_name(); more specific names first ("A100" before "A10").
+PUBLISHED_PEAKS: dict[str, tuple[float, float]] = {
+    "H100 PCIe": (756e12, 51e12),
+    "H100": (989e12, 67e12),
+    "H200": (989e12, 67e12),
+    "A100": (312e12, 19.5e12),
+    "L40S": (362e12, 91.6e12),
+    "L4": (121e12, 30.3e12),
+    "A10": (125e12, 31.2e12),
+    "RTX 4090": (165e12, 82.6e12),
+}
+
+
+def published_peak_flops(card: str, dtype_name: str) -> tuple[str, float] | None:
+    """(table name, dense peak FLOP/s) of a card named like torch.cuda.get_device_name(), or None if unknown.
+
+    bf16 and fp16 use the tensor-core column, anything else the fp32 one.
+    """
+    for name, (half, single) in PUBLISHED_PEAKS.items():
+        if name in card:
+            return name, half if dtype_name in ("bfloat16", "float16") else single
+    return None
+
+
 _PEAK_CACHE: dict[str, float] = {}
 
 
-def measured_peak_flops(device, dtype_name: str = "float32", n: int = 1024, reps: int = 5) -> float:
-    """Peak dense matmul FLOP/s measured on this device (best of `reps` n x n x n products)."""
+def measured_peak_flops(device, dtype_name: str = "float32", n: int | None = None, reps: int = 10,
+                        fresh: bool = False) -> float:
+    """Peak dense matmul FLOP/s measured on this device: the best of `reps` n x n x n products at
+    several sizes (one size `n` when given). Cached per device and dtype unless `fresh`.
+
+    The operands come from a generator of their own, never the global RNG: the probe runs after
+    a resumed checkpoint's RNG state is restored, and must not move the dropout masks that follow.
+    """
     import torch
 
-    key = f"{device}-{dtype_name}-{n}"
-    if key in _PEAK_CACHE:
+    cuda = getattr(device, "type", str(device)) == "cuda"
+    sizes = (n,) if n else ((1024, 2048, 4096, 8192) if cuda else (256, 512, 1024))
+    key = f"{device}-{dtype_name}-{sizes}"
+    if key in _PEAK_CACHE and not fresh:
         return _PEAK_CACHE[key]
     dtype = getattr(torch, dtype_name)
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    a @ b
-    sync()
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        a @ b
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    gen = torch.Generator().manual_seed(0)
+    best = 0.0
+    for size in sizes:
+        a = torch.randn(size, size, generator=gen).to(device=device, dtype=dtype)
+        b = torch.randn(size, size, generator=gen).to(device=device, dtype=dtype)
+        a @ b  # warm-up: kernel selection, caches
         sync()
-        best = min(best, time.perf_counter() - t)
-    _PEAK_CACHE[key] = 2 * n**3 / best
+        for _ in range(reps):
+            t = time.perf_counter()
+            a @ b
+            sync()
+            best = max(best, 2 * size**3 / max(time.perf_counter() - t, 1e-12))
+    _PEAK_CACHE[key] = max(best, _PEAK_CACHE.get(key, 0.0))
     return _PEAK_CACHE[key]
+
+
+class PeakFlops:
+    """The denominator of MFU: the card's published dense peak, or else a measured one.
+
+    On a CUDA card in PUBLISHED_PEAKS the datasheet figure is used. Elsewhere the peak is
+    measured (several sizes, best of many); since a busy machine at start-up measures too
+    low, a later step whose model FLOP/s beat the peak triggers a fresh measurement, and the
+    peak becomes the larger of that and the achieved rate. So MFU never exceeds 100%.
+    `measure(fresh=False)` stands in for measured_peak_flops (tests pass a fake).
+    """
+
+    def __init__(self, device, dtype_name: str = "float32", *, card: str | None = None, measure=None):
+        self._measure = measure or (lambda fresh=False: measured_peak_flops(device, dtype_name, fresh=fresh))
+        if card is None and getattr(device, "type", str(device)) == "cuda":
+            import torch
+
+            card = torch.cuda.get_device_name(device)
+        published = published_peak_flops(card, dtype_name) if card else None
+        self.precision = "bf16" if dtype_name in ("bfloat16", "float16") else "fp32"
+        self.card = published[0] if published else None  # None: the peak is measured
+        self.value = published[1] if published else self._measure()
+        self.raised = False
+
+    def mfu(self, achieved: float) -> float:
+        """achieved / peak, at most 1: an achieved rate above the peak re-measures and raises the peak first
+        (a datasheet figure beaten, e.g. with TF32 turned on, is replaced by a measurement too)."""
+        if achieved > self.value:
+            self.value = max(achieved, self._measure(fresh=True))
+            self.card, self.raised = None, True
+        return achieved / self.value
+
+    def label(self) -> str:
+        """Which peak MFU is of, for the progress line: `H100 bf16 peak` or `measured fp32 peak`."""
+        return f"{self.card} {self.precision} peak" if self.card else f"measured {self.precision} peak"
+
+    def describe(self) -> str:
+        """The peak in full, for the start-up line."""
+        if self.card:
+            return f"published {self.card} {self.precision} dense peak {self.value / 1e12:,.0f} TFLOP/s"
+        raised = ", raised by a faster step" if self.raised else ""
+        return f"measured {self.precision} matmul peak {self.value / 1e9:,.1f} GFLOP/s{raised}"
