@@ -24,9 +24,9 @@ from typing import Any, Callable, List, Optional
 
 import typer
 
-from lifecycle.config import (STAGE_CONFIGS, DataConfig, EstimateMemoryConfig, EvalConfig, build_config, dump_yaml,
+from lifecycle.config import (STAGE_CONFIGS, DataConfig, EstimateMemoryConfig, EvalConfig, RunConfig, build_config, dump_yaml,
                               field_default, field_types, parse_set)
-from lifecycle.errors import Interrupted, TrainingDiverged, UsageError
+from lifecycle.errors import Interrupted, StageRegressed, TrainingDiverged, UsageError
 
 app = typer.Typer(
     help="Train a language model through its whole life: pretrain, sft, reward, ppo; estimate memory first.",
@@ -203,19 +203,17 @@ def generate(
                  top_p=top_p, num=num, chat=chat, seed=seed)
 
 
-@app.command()
-def run(
-    recipe: Optional[str] = typer.Argument(None, help="A lifecycle recipe (YAML or a directory with run.yaml); default: the built-in world."),
-    out: str = typer.Option("runs/default", "--out", help="Run directory: each stage writes OUT/<stage>."),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Cap every stage at N optimizer steps (quick smoke runs)."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed for every stage."),
-    force: bool = typer.Option(False, "--force", help="Re-run stages even if their output already exists."),
-    from_manifest: Optional[str] = typer.Option(None, "--from-manifest", help="Repeat a finished run (an artifact or a run directory) from its recorded configs and seeds."),
-) -> None:
-    """Run the lifecycle stages of a recipe in order, each output handed to the next."""
+def run(cfg: Any) -> None:
+    """`llm run` (torch from the first stage on)."""
+    from lifecycle.config import check_config
     from lifecycle.runner import run_lifecycle
 
-    run_lifecycle(recipe, out, max_steps=max_steps, seed=seed, force=force, from_manifest=from_manifest)
+    check_config(cfg)
+    run_lifecycle(cfg.recipe, cfg.out, max_steps=cfg.max_steps, seed=cfg.seed, force=cfg.force,
+                  from_manifest=cfg.from_manifest, evaluate=cfg.evaluate, regression_margin=cfg.regression_margin)
+
+
+app.command("run")(config_command(RunConfig, run, recipe=False))
 
 
 # ---------------------------------------------------------------------------
@@ -228,6 +226,9 @@ def main() -> None:
     except TrainingDiverged as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(3)
+    except StageRegressed as e:
+        typer.echo(f"stopped: {e}", err=True)
+        sys.exit(4)
     except Interrupted as e:
         typer.echo(f"stopped: {e}", err=True)
         sys.exit(130)

@@ -639,6 +639,30 @@ class EvalConfig(_Checked):
         return p
 
 
+@dataclass
+class RunConfig(_Checked):
+    """`llm run`: run the lifecycle stages of a recipe in order, each output handed to the next, then evaluate every stage on the same items."""
+
+    recipe: Optional[str] = opt(None, "A lifecycle recipe (YAML or a directory with run.yaml); default: the built-in world.", argument=True)
+    out: str = opt("runs/default", "Run directory: each stage writes OUT/<stage>.")
+    max_steps: Optional[int] = opt(None, "Cap every stage at N optimizer steps (quick smoke runs).")
+    seed: Optional[int] = opt(None, "Seed for every stage.")
+    force: bool = opt(False, "Re-run stages even if their output already exists.")
+    from_manifest: Optional[str] = opt(None, "Repeat a finished run (an artifact or a run directory) from its recorded configs and seeds.")
+    evaluate: bool = opt(True, "After the last stage, evaluate every stage on the same held-out items (`llm eval --lifecycle OUT`, with the recipe's `eval:` options) into OUT/eval and report.md.")
+    regression_margin: float = opt(0.05, "Stop after a stage whose held-out gold accuracy falls more than this (0.05 = 5 points) below its parent's, as its manifest records both; negative: never stop.")
+
+    def validate(self) -> list[str]:
+        p = super().validate()
+        if self.max_steps is not None and self.max_steps < 1:
+            p.append(f"--max-steps {self.max_steps}; must be at least 1")
+        if self.seed is not None and self.seed < 0:
+            p.append(f"--seed {self.seed}; must be >= 0")
+        if self.regression_margin != self.regression_margin:  # NaN
+            p.append("--regression-margin nan; give a number (negative: never stop)")
+        return p
+
+
 STAGE_CONFIGS: dict[str, type] = {"pretrain": PretrainConfig, "sft": SFTConfig, "reward": RewardConfig, "ppo": PPOConfig}
 
 

@@ -23,3 +23,10 @@ class TrainingDiverged(Exception):
 
     def __init__(self, message: str):
         super().__init__(" ".join(str(message).split()))
+
+
+class StageRegressed(Exception):
+    """`llm run` stopped after a stage scored worse than its parent by more than the set margin (exit 4)."""
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(str(message).split()))

@@ -22,9 +22,10 @@ from pathlib import Path
 
 from lifecycle import artifacts
 from lifecycle.config import STAGE_CONFIGS, build_config, read_yaml
-from lifecycle.errors import UsageError
+from lifecycle.errors import StageRegressed, UsageError
 
 DEFAULT_STAGES = ["pretrain", "sft", "reward", "ppo"]
+RECIPE_KEYS = {"stages", "eval"}  # a run recipe's top-level keys
 # stage -> {config field: stage whose output feeds it}
 INPUTS = {"sft": {"base": "pretrain"}, "reward": {"base": "sft"}, "ppo": {"policy": "sft", "reward": "reward"}}
 # Held-out metrics shown in the summary, per stage: (label, manifest key, key of the value before training).
@@ -36,18 +37,39 @@ SUMMARY = {
 }
 
 
+def recipe_path(recipe: str) -> Path:
+    path = Path(recipe)
+    return path / "run.yaml" if path.is_dir() else path
+
+
+def eval_options(recipe: str | None) -> dict | None:
+    """The recipe's `eval:` mapping (options of `llm eval`), {} when absent, None for `eval: false`."""
+    if recipe is None:
+        return {}
+    path = recipe_path(recipe)
+    spec = read_yaml(path).get("eval", {})
+    if spec is False:
+        return None
+    if spec is None or spec is True:
+        return {}
+    if not isinstance(spec, dict):
+        raise UsageError(f"recipe {path}: `eval:` must map `llm eval` options to values (e.g. `eval: {{problems: 200}}`) or be false")
+    fixed = sorted(set(spec) & {"model", "vs", "lifecycle", "out"})
+    if fixed:
+        raise UsageError(f"recipe {path}: `eval:` sets {', '.join(fixed)}; `llm run` evaluates every stage of OUT into OUT/eval, so drop them")
+    return dict(spec)
+
+
 def load_recipe(recipe: str | None) -> list[tuple[str, str | None, dict]]:
     """[(stage, config path or None, inline options)] in run order."""
     if recipe is None:
         return [(s, None, {}) for s in DEFAULT_STAGES if s in STAGE_CONFIGS]
-    path = Path(recipe)
-    if path.is_dir():
-        path = path / "run.yaml"
+    path = recipe_path(recipe)
     data = read_yaml(path)
     stages = data.get("stages")
-    unknown_top = sorted(set(data) - {"stages"})
+    unknown_top = sorted(set(data) - RECIPE_KEYS)
     if unknown_top:
-        raise UsageError(f"recipe {path}: unknown key(s) {', '.join(unknown_top)}; a recipe holds only `stages:`")
+        raise UsageError(f"recipe {path}: unknown key(s) {', '.join(unknown_top)}; a recipe holds {', '.join(f'`{k}:`' for k in sorted(RECIPE_KEYS))}")
     if not isinstance(stages, dict) or not stages:
         raise UsageError(f"recipe {path} must hold `stages:` mapping stage names to config files or options, e.g. `stages: {{pretrain: pretrain.yaml}}`")
     plan = []
@@ -99,7 +121,8 @@ def plan_from_manifest(src: str, out: Path) -> list[tuple[str, str | None, dict]
 
 
 def run_lifecycle(recipe: str | None, out: str, *, max_steps: int | None = None, seed: int | None = None,
-                  force: bool = False, from_manifest: str | None = None) -> None:
+                  force: bool = False, from_manifest: str | None = None, evaluate: bool = True,
+                  regression_margin: float = 0.05) -> None:
     import importlib
 
     from lifecycle.checkpoints import check_fingerprint, checkpoint_step, latest_checkpoint
@@ -110,6 +133,13 @@ def run_lifecycle(recipe: str | None, out: str, *, max_steps: int | None = None,
     if from_manifest and recipe:
         raise UsageError("give a recipe or --from-manifest, not both")
     plan = plan_from_manifest(from_manifest, root) if from_manifest else load_recipe(recipe)
+    eval_cfg = None
+    if evaluate:
+        opts = eval_options(None if from_manifest else recipe)
+        if opts is not None:
+            from lifecycle.config import EvalConfig
+
+            eval_cfg = build_config(EvalConfig, None, {**opts, "lifecycle": str(root), "out": str(root / "eval")})
     # Build and validate every stage's config before running any stage.
     configs = []
     for name, cfg_path, inline in plan:
@@ -131,6 +161,7 @@ def run_lifecycle(recipe: str | None, out: str, *, max_steps: int | None = None,
         stage_out = Path(cfg.out)
         if not force and artifacts.is_complete(stage_out) and (artifacts.read_manifest(stage_out) or {}).get("stage") == name:
             print(f"== {name}: {stage_out} is complete; skipping (--force to redo)")
+            stop_if_regressed(root, configs, name, regression_margin)
             continue
         ck = latest_checkpoint(stage_out) if hasattr(cfg, "resume") and not force else None
         if ck is not None:
@@ -143,10 +174,65 @@ def run_lifecycle(recipe: str | None, out: str, *, max_steps: int | None = None,
 
         check_config(cfg)
         importlib.import_module(f"lifecycle.stages.{name}").run(cfg)
-    table = summary_table(root, [n for n, _ in configs])
+        stop_if_regressed(root, configs, name, regression_margin)
+    stages = [n for n, _ in configs]
+    table = summary_table(root, stages)
     print(table)
-    report = write_report(root, [n for n, _ in configs], table)
+    evaluation = None
+    if eval_cfg is not None:
+        from lifecycle.eval import run as run_eval
+
+        print(f"== eval: every stage on the same held-out items -> {eval_cfg.out}")
+        evaluation = Path(run_eval(eval_cfg)).parent
+    report = write_report(root, stages, table, evaluation)
     print(f"report: {report}")
+
+
+def stop_if_regressed(root: Path, configs: list, name: str, margin: float) -> None:
+    """Raise StageRegressed (after writing report.md for the stages so far) when stage `name` regressed."""
+    regressed = regression(root / name, margin)
+    if regressed:
+        names = [n for n, _ in configs]
+        done = names[: names.index(name) + 1]
+        write_report(root, done, summary_table(root, done))
+        later = names[names.index(name) + 1:]
+        raise StageRegressed(f"{regressed}; its artifact is kept at {root / name}"
+                             + (f", and {', '.join(later)} did not run" if later else "")
+                             + f" (see {root / 'report.md'}); change the recipe, or pass --regression-margin -1 to go on")
+
+
+def regression(stage_dir: Path, margin: float) -> str | None:
+    """Why a finished stage counts as a regression on its parent, or None.
+
+    Each stage that starts from a causal LM (sft, ppo, ...) records the held-out
+    gold accuracy of its starting point (`gold_accuracy_initial`, the parent's,
+    on the same prompts) and of its result (`gold_accuracy`); a drop of more
+    than `margin` stops the run. A negative margin never stops.
+    """
+    if margin < 0:
+        return None
+    m = (artifacts.read_manifest(stage_dir) or {}).get("metrics", {})
+    before, after = m.get("gold_accuracy_initial"), m.get("gold_accuracy")
+    if not isinstance(before, (int, float)) or not isinstance(after, (int, float)):
+        return None
+    if after < before - margin:
+        return (f"{stage_dir.name} regressed: held-out gold accuracy {after:.3f} is {before - after:.3f} below its "
+                f"parent's {before:.3f} (margin {margin:g})")
+    return None
+
+
+def eval_section(root: Path, evaluation: Path) -> list[str]:
+    """report.md lines for `llm eval --lifecycle`: its table and its plots, linked relative to the run directory."""
+    from lifecycle.evaluation.report import metrics_table
+
+    res = json.loads((evaluation / "eval.json").read_text(encoding="utf-8"))
+    rel = evaluation.relative_to(root) if evaluation.is_relative_to(root) else evaluation
+    lines = ["## Every stage on the same held-out items (`llm eval --lifecycle`)", "",
+             f"Held-out text: {res['items']['text']}." + (f" Prompts: {res['items']['prompts']}." if res["items"].get("prompts") else ""),
+             "", metrics_table(res), "", f"Details, plots and the decontamination report: [{rel}/report.md]({rel}/report.md).", ""]
+    for png in sorted((evaluation / "plots").glob("*.png")):
+        lines += [f"![{png.stem}]({rel}/plots/{png.name})", ""]
+    return lines
 
 
 def _fmt(v) -> str:
@@ -195,14 +281,17 @@ CURVES = {
 }
 
 
-def write_report(root: Path, stages: list[str], table: str) -> Path:
-    """OUT/report.md with the summary table and one PNG per curve (matplotlib, no display needed)."""
+def write_report(root: Path, stages: list[str], table: str, evaluation: Path | None = None) -> Path:
+    """OUT/report.md: the summary table, `llm eval`'s table of every stage on the same items, one PNG per curve."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    lines = ["# Lifecycle report", "", f"Run directory: `{root}`", "", table, ""]
+    lines = ["# Lifecycle report", "", f"Run directory: `{root}`", "",
+             "Each stage's held-out metrics as it recorded them (before: its starting point; after: its result):", "", table, ""]
+    if evaluation is not None:
+        lines += eval_section(root, evaluation)
     plots = root / "plots"
     plots.mkdir(parents=True, exist_ok=True)
     for name in stages:

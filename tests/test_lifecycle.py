@@ -17,6 +17,7 @@ stages:
   reward: {steps: 4, batch_size: 8, warmup_steps: 1, eval_every: 4, world_prompts: 32, eval_problems: 16, save_every: 0}
   ppo: {steps: 2, prompts_per_rollout: 8, minibatch_size: 4, micro_batch_size: 4, ppo_epochs: 1, world_prompts: 32,
         eval_prompts: 8, eval_every: 2, gate_samples: 8, save_every: 0}
+eval: {docs: 20, problems: 16, batch_size: 16}
 """
 
 
@@ -44,6 +45,50 @@ def test_run_chains_every_stage_and_writes_the_report(tmp_path):
     again = subprocess.run([sys.executable, "-m", "lifecycle", "run", str(recipe), "--out", str(out)],
                            capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and again.stdout.count("is complete; skipping") == 4
+    # The run ends with `llm eval --lifecycle`: every causal-LM stage on the same items, in report.md.
+    res = json.loads((out / "eval" / "eval.json").read_text())
+    assert list(res["models"]) == ["pretrain", "sft", "ppo"]
+    assert res["models"]["ppo"]["win_rate"]["vs"] == "sft" and res["models"]["sft"]["win_rate"]["vs"] == "pretrain"
+    assert res["config"]["problems"] == 16 and res["config"]["docs"] == 20  # the recipe's `eval:` options
+    for name in ("pretrain", "sft", "ppo"):  # each stage's gold accuracy on the 16 problems, as the stage's own eval counts it
+        assert 0.0 <= res["models"][name]["language_modelling"]["bits_per_byte"] < 20
+    report = (out / "report.md").read_text()
+    assert "Every stage on the same held-out items" in report and "| bits per byte |" in report
+    assert "eval/plots/" in report and all((out / line.split("](")[1].rstrip(")")).is_file()
+                                               for line in report.splitlines() if line.startswith("![") and "eval/" in line)
+    # A stage that falls below its parent by more than the margin stops the run (exit 4), naming both numbers.
+    m = json.loads((out / "ppo" / "lifecycle.json").read_text())
+    m["metrics"]["gold_accuracy_initial"], m["metrics"]["gold_accuracy"] = 0.5, 0.3
+    (out / "ppo" / "lifecycle.json").write_text(json.dumps(m))
+    stop = subprocess.run([sys.executable, "-m", "lifecycle", "run", str(recipe), "--out", str(out), "--no-evaluate"],
+                          capture_output=True, text=True, timeout=300)
+    assert stop.returncode == 4, stop.stderr[-2000:]
+    line = stop.stderr.strip().splitlines()[-1]
+    assert line.startswith("stopped: ppo regressed") and "0.300" in line and "0.500" in line and "--regression-margin -1" in line
+    go_on = subprocess.run([sys.executable, "-m", "lifecycle", "run", str(recipe), "--out", str(out), "--no-evaluate",
+                            "--regression-margin", "-1"], capture_output=True, text=True, timeout=300)
+    assert go_on.returncode == 0, go_on.stderr[-2000:]
+
+
+def test_regression_rule(tmp_path):
+    """A drop of more than the margin in held-out gold accuracy is a regression; equal to it, or no metric, is not."""
+    from lifecycle.runner import regression
+
+    def stage(before, after):
+        d = tmp_path / f"s{before}-{after}"
+        d.mkdir()
+        (d / "lifecycle.json").write_text(json.dumps({"metrics": {"gold_accuracy_initial": before, "gold_accuracy": after}}))
+        return d
+
+    assert regression(stage(0.5, 0.44), 0.05).startswith("s0.5-0.44 regressed")
+    assert regression(stage(0.5, 0.46), 0.05) is None
+    assert regression(stage(0.5, 0.0), -1) is None  # negative margin: never stop
+    assert regression(stage(0.25, 0.25), 0.0) is None
+    assert regression(stage(0.25, 0.2), 0.0) is not None
+    none = tmp_path / "none"
+    none.mkdir()
+    (none / "lifecycle.json").write_text(json.dumps({"metrics": {"eval_loss": 1.0}}))
+    assert regression(none, 0.05) is None
 
 
 # ---------------------------------------------------------------------------
