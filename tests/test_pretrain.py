@@ -302,3 +302,197 @@ def test_help_does_not_import_torch():
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
     r = llm("--help")
     assert r.returncode == 0 and "pretrain" in r.stdout and "estimate-memory" in r.stdout
+
+
+# ---------------------------------------------------------------------------
+# What the loop does, seen from outside: clipping, the held-out split, resume in a new process
+# ---------------------------------------------------------------------------
+def test_clipping_bounds_every_update(tmp_path):
+    """Every optimizer step sees gradients of global norm <= grad_clip, and the log's pre-clip norms exceed it
+    (so clipping was exercised, not merely configured)."""
+    from lifecycle.stages import pretrain
+
+    seen: list[float] = []
+
+    def before_step(opt, args, kwargs):
+        grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
+        seen.append(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item())
+
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    handle = register_optimizer_step_pre_hook(before_step)
+    try:
+        out = tmp_path / "clip"
+        pretrain.run(_cfg(out, steps=4, log_every=1, eval_every=4, grad_clip=0.05))
+    finally:
+        handle.remove()
+    pre = [r["grad_norm"] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "grad_norm" in r]
+    assert len(seen) == len(pre) == 4
+    assert min(pre) > 0.05  # every pre-clip norm above the threshold ...
+    assert max(seen) <= 0.05 * (1 + 1e-4), seen  # ... and every update made from clipped gradients
+
+
+def test_held_out_loss_is_the_loss_on_held_out_blocks(tmp_path, monkeypatch):
+    """The manifest's eval_loss is the final model's mean loss over the first eval_batches x batch_size
+    held-out blocks, recomputed here from the blocks pack() returned for the held-out documents."""
+    from transformers import AutoModelForCausalLM
+
+    from lifecycle.artifacts import read_manifest
+    from lifecycle.stages import pretrain
+
+    packed = []
+    real_pack = pretrain.pack
+
+    def spy(*a, **kw):
+        packed.append(real_pack(*a, **kw)[0])
+        return packed[-1], real_pack(*a, **kw)[1]
+
+    monkeypatch.setattr(pretrain, "pack", spy)
+    out = tmp_path / "heldout"
+    pretrain.run(_cfg(out, steps=4, eval_every=4, eval_batches=2))
+    train_blocks, eval_blocks = packed
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        losses = [model(input_ids=eval_blocks[i : i + 8], labels=eval_blocks[i : i + 8]).loss.item() for i in (0, 8)]
+        on_train = model(input_ids=train_blocks[:16], labels=train_blocks[:16]).loss.item()
+    eval_loss = read_manifest(out)["metrics"]["eval_loss"]
+    assert eval_loss == pytest.approx(sum(losses) / 2, abs=1e-5)
+    assert abs(eval_loss - on_train) > 1e-4  # the two sets differ enough to tell apart
+
+
+def test_an_artifact_with_a_file_of_the_wrong_size_is_incomplete(tiny_base, tmp_path):
+    import shutil
+
+    from lifecycle.artifacts import check_artifact, is_complete
+    from lifecycle.errors import UsageError
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_base, copy)
+    assert is_complete(copy)
+    with open(copy / "tokenizer.json", "ab") as f:  # one byte more than the manifest records
+        f.write(b" ")
+    assert not is_complete(copy)
+    with pytest.raises(UsageError, match="incomplete"):
+        check_artifact(str(copy), "causal-lm", "--base")
+
+
+def _sha(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _recipe(tmp_path: Path, **kw) -> Path:
+    """A recipe file for `llm pretrain` in a child process: GPT-2 shaped, with dropout 0.1 (so the RNG matters)."""
+    model = tmp_path / "gpt2-dropout.json"
+    model.write_text(json.dumps({"model_type": "gpt2", "n_embd": 32, "n_layer": 2, "n_head": 4, "n_inner": 64,
+                                 "n_positions": 64, "resid_pdrop": 0.1, "embd_pdrop": 0.1, "attn_pdrop": 0.1}))
+    values = dict(model=str(model), seq_len=32, batch_size=8, steps=6, warmup_steps=2, lr=3e-3, min_lr=3e-4,
+                  eval_every=6, eval_batches=1, log_every=1, world_documents=300, vocab_size=300, save_every=3,
+                  keep_checkpoints=3)
+    values.update(kw)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("".join(f"{k}: {v}\n" for k, v in values.items()))
+    return recipe
+
+
+def _child(*args: str, code: str = "") -> subprocess.CompletedProcess:
+    """`llm` in a fresh process (one thread, no warm caches), after `code` runs in it."""
+    main = code + "\nimport sys\nsys.argv = ['llm', *sys.argv[1:]]\nfrom lifecycle.cli import main\nmain()\n"
+    return subprocess.run([sys.executable, "-c", main, *args], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+def _digests(ck: Path) -> dict:
+    return {f.name: _sha(f) for f in sorted(ck.iterdir()) if f.suffix in (".safetensors", ".bin")}
+
+
+def test_resume_in_a_new_process_is_exact_with_dropout(tmp_path):
+    """A dropout model trained 6 steps in one process, and the same run resumed at step 3 in a second process,
+    end with identical weights and optimizer state (digests of the final checkpoint): the checkpoint's RNG is
+    restored, and nothing drawn between the restore and the loop (the MFU peak probe) moves the dropout masks."""
+    out = tmp_path / "run"
+    recipe = _recipe(tmp_path)
+    r = _child("pretrain", "--config", str(recipe), "--out", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    final = checkpoints.checkpoint_root(out) / "step-000006"
+    whole = _digests(final)
+    assert {"model.safetensors", "optimizer.bin"} <= whole.keys()
+    import shutil
+
+    shutil.rmtree(final)
+    r = _child("pretrain", "--config", str(recipe), "--out", str(out), "--resume")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resumed from" in r.stdout and "step-000003" in r.stdout
+    assert _digests(final) == whole
+
+
+def test_a_kill_inside_a_checkpoint_write_resumes_from_the_one_before(tmp_path):
+    """The process dies half way through writing the step-4 checkpoint's optimizer state (the writer is patched
+    to write half the bytes and exit). The half-written checkpoint must not count: --resume starts from step 2
+    and ends where an uninterrupted run does."""
+    from lifecycle.config import read_yaml
+    from lifecycle.stages import pretrain
+
+    recipe = _recipe(tmp_path, model="llama-micro", save_every=2)
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    pretrain.run(build_config(PretrainConfig, None, {**read_yaml(recipe), "out": str(whole)}))  # the uninterrupted run
+    kill = (
+        "import io, os, torch\n"
+        "real = torch.save\n"
+        "calls = []\n"
+        "def save(obj, f, *a, **k):\n"
+        "    calls.append(str(f))\n"
+        "    if 'step-000004' in str(f) and str(f).endswith('optimizer.bin'):\n"
+        "        buf = io.BytesIO(); real(obj, buf, *a, **k)\n"
+        "        open(f, 'wb').write(buf.getvalue()[: len(buf.getvalue()) // 2])\n"
+        "        os._exit(9)\n"
+        "    return real(obj, f, *a, **k)\n"
+        "torch.save = save\n"
+    )
+    r = _child("pretrain", "--config", str(recipe), "--out", str(part), code=kill)
+    assert r.returncode == 9, (r.returncode, r.stderr[-2000:])
+    assert checkpoints.latest_checkpoint(part).name == "step-000002"
+    r = _child("pretrain", "--config", str(recipe), "--out", str(part), "--resume")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "step-000002" in r.stdout
+    assert _sha(part / "model.safetensors") == _sha(whole / "model.safetensors")
+
+
+# ---------------------------------------------------------------------------
+# MFU: a published peak or a robust measured one, never above 100%
+# ---------------------------------------------------------------------------
+def test_a_slow_start_up_peak_cannot_make_mfu_exceed_100_percent():
+    calls = []
+
+    def fake_measure(fresh=False):  # a busy machine at start-up: 1 GFLOP/s; measured again later: 40 GFLOP/s
+        calls.append(fresh)
+        return 1e9 if not fresh else 40e9
+
+    peak = training.PeakFlops(torch.device("cpu"), measure=fake_measure)
+    assert peak.label() == "measured fp32 peak" and peak.value == 1e9
+    assert peak.mfu(0.5e9) == pytest.approx(0.5)  # below the peak: no new measurement
+    assert calls == [False]
+    assert peak.mfu(10e9) == pytest.approx(0.25)  # beats the start-up peak: measured again, 10 / 40
+    assert calls == [False, True] and peak.value == 40e9 and "raised by a faster step" in peak.describe()
+    assert peak.mfu(60e9) == 1.0  # faster than any measurement: the peak becomes the achieved rate
+    for achieved in (1e3, 1e9, 1e11, 1e13):
+        assert 0 < peak.mfu(achieved) <= 1.0
+
+
+def test_a_known_card_uses_its_published_dense_peak():
+    never = lambda fresh=False: pytest.fail("a card with a published peak is not measured")  # noqa: E731
+    h100 = training.PeakFlops(torch.device("cpu"), "bfloat16", card="NVIDIA H100 80GB HBM3", measure=never)
+    assert (h100.value, h100.label()) == (989e12, "H100 bf16 peak")
+    assert h100.mfu(494.5e12) == pytest.approx(0.5)
+    a100 = training.PeakFlops(torch.device("cpu"), "float32", card="NVIDIA A100-SXM4-40GB", measure=never)
+    assert (a100.value, a100.label()) == (19.5e12, "A100 fp32 peak")  # not the A10's row, although "A10" is in the name
+    assert training.published_peak_flops("NVIDIA A10", "bfloat16") == ("A10", 125e12)
+    assert training.published_peak_flops("Some Future GPU", "bfloat16") is None
+
+
+def test_the_peak_probe_leaves_the_global_rng_alone():
+    """The probe runs after a resumed checkpoint restored the RNG; drawing from it would move dropout masks."""
+    state = torch.get_rng_state()
+    training.measured_peak_flops(torch.device("cpu"), fresh=True)
+    assert torch.equal(torch.get_rng_state(), state)
