@@ -467,6 +467,116 @@ class PPOConfig(PeftCommon, ChatFormat, TrainCommon):
         return p
 
 
+# ---------------------------------------------------------------------------
+# DPO and GRPO: the alignment methods beside PPO (TRL trainers: lifecycle/stages/dpo.py, grpo.py; docs/alignment.md)
+# ---------------------------------------------------------------------------
+@dataclass
+class DPOConfig(FinetunePeft, ChatFormat, TrlTraining):
+    """`llm dpo`: direct preference optimisation (Rafailov et al. 2023) on preference pairs with TRL's DPOTrainer; the reference is --base (with adapters: the adapter disabled)."""
+
+    chosen_column: str = shared(RewardConfig, "chosen_column")
+    rejected_column: str = shared(RewardConfig, "rejected_column")
+    beta: float = opt(0.1, "β: the strength of the implicit KL penalty; the implicit reward is β·log(π/π_ref). Lower lets the policy move further from the reference (IPO: its τ).")
+    loss_type: str = opt("sigmoid", "sigmoid (DPO's -log σ(β·Δ)) | ipo ((Δ - 1/(2τ))², Azar et al. 2023) | hinge (SLiC) | robust (label noise, with label_smoothing).")
+    label_smoothing: float = opt(0.0, "With loss_type robust: the assumed probability that a pair's preference is flipped, in [0, 0.5).")
+    world_prompts: int = opt(2000, "Built-in world: training problems; each gives one pair from --base's own samples, judged by the gold checker (as `llm reward` makes them).")
+    world_samples: int = shared(RewardConfig, "world_samples", 4)
+    sample_temperature: float = shared(RewardConfig, "sample_temperature")
+    eval_problems: int = opt(500, "Built-in world: held-out problems whose pairs measure preference accuracy and margin, and on which greedy gold accuracy and KL to the reference are measured (0 skips them).")
+    kl_samples: int = opt(128, "Held-out prompts whose sampled responses measure KL(π || π_ref) before and after (0 skips it).")
+    # DPO's own defaults for shared options (tuned on the default SFT model; recipes/default/dpo.yaml).
+    steps: int = shared(TrlTraining, "steps", 120)
+    batch_size: int = shared(TrlTraining, "batch_size", 32)
+    lr: float = shared(TrlTraining, "lr", 2e-4)
+    warmup_steps: int = shared(TrlTraining, "warmup_steps", 10)
+    max_length: int = shared(TrlTraining, "max_length", 64)
+    eval_every: int = shared(TrlTraining, "eval_every", 60)
+    eval_batch_size: int = shared(TrlTraining, "eval_batch_size", 128)
+
+    def validate(self) -> list[str]:
+        p = super().validate()
+        if self.beta <= 0:
+            p.append(f"beta={self.beta}; must be > 0")
+        if self.loss_type not in ("sigmoid", "ipo", "hinge", "robust"):
+            p.append(f"loss_type={self.loss_type!r}; expected sigmoid, ipo, hinge or robust")
+        if not 0 <= self.label_smoothing < 0.5:
+            p.append(f"label_smoothing={self.label_smoothing}; expected a value in [0, 0.5)")
+        elif self.label_smoothing and self.loss_type != "robust":
+            p.append(f"label_smoothing={self.label_smoothing} applies to loss_type robust only; set loss_type=robust or drop it")
+        p += _at_least_one(self, ("world_prompts", "world_samples"))
+        if self.sample_temperature <= 0:
+            p.append(f"sample_temperature={self.sample_temperature}; must be > 0")
+        for name in ("eval_problems", "kl_samples"):
+            if getattr(self, name) < 0:
+                p.append(f"{name}={getattr(self, name)}; must be >= 0")
+        return p
+
+
+@dataclass
+class GRPOConfig(FinetunePeft, ChatFormat, TrlTraining):
+    """`llm grpo`: group relative policy optimisation (Shao et al. 2024) with TRL's GRPOTrainer: rewards from a reward model, the built-in gold checker or your function."""
+
+    base: str = opt("", "Causal-LM artifact to improve (usually the sft output) or a hub id; with kl_coef > 0 also the frozen reference.", flag="--policy")
+    reward: str = opt("", "Reward-model artifact (`llm reward` output) that scores each response; or give reward_fn.")
+    reward_fn: str = opt("", "gold: the built-in world's gold checker (1 right, 0 wrong: a verifiable reward) | module:function, called as function(prompts, completions, **kw) -> one float per completion (TRL's reward-function form).")
+    prompts: str = shared(PPOConfig, "prompts")
+    world_prompts: int = shared(PPOConfig, "world_prompts")
+    eval_prompts: int = shared(PPOConfig, "eval_prompts")
+    num_generations: int = opt(8, "Group size G: responses sampled per prompt; each one's advantage is its reward minus the group's mean (over the group's std).")
+    prompts_per_step: int = opt(16, "Prompts per optimizer step (batch_size x grad_accum = prompts_per_step x num_generations responses).")
+    max_new_tokens: int = shared(PPOConfig, "max_new_tokens")
+    temperature: float = opt(1.0, "Sampling temperature of the groups (log-probabilities are taken at the same temperature).")
+    kl_coef: float = opt(0.04, "β of the KL penalty β·KL(π || π_ref) in the loss (k3 estimator, as the paper); 0 loads no reference.")
+    clip_range: float = shared(PPOConfig, "clip_range")
+    num_iterations: int = opt(1, "μ: optimizer passes over each batch of groups (1: on-policy, the ratio is 1 and clipping idle).")
+    loss_type: str = opt("grpo", "grpo (each response's token mean, as the paper) | dr_grpo (sum over a fixed length: no length bias) | dapo (token mean over the batch) | bnpo.")
+    scale_rewards: str = opt("group", "group: divide advantages by the group's std (the paper) | batch: by the batch's std | none (Dr. GRPO).")
+    missing_eos_penalty: float = opt(1.0, "With --reward: subtracted from the score of a response that never emits EOS (0 disables); the gold checker scores those 0 already.")
+    watch_zero_std: float = opt(0.5, "Watchdog: warn when more than this share of a step's groups have zero reward variance (they carry no gradient).")
+    watch_hack_gold_drop: float = shared(PPOConfig, "watch_hack_gold_drop")
+    # GRPO's own defaults for shared options (tuned on the default SFT model; recipes/default/grpo.yaml).
+    steps: int = shared(TrlTraining, "steps", 60)
+    batch_size: int = shared(TrlTraining, "batch_size", 128)
+    lr: float = shared(TrlTraining, "lr", 5e-5)
+    warmup_steps: int = shared(TrlTraining, "warmup_steps", 0)
+    lr_scheduler: str = shared(TrlTraining, "lr_scheduler", "constant")
+    max_length: int = shared(TrlTraining, "max_length", 64)
+    eval_every: int = shared(TrlTraining, "eval_every", 20)
+    save_every: int = shared(TrlTraining, "save_every", 20)
+    log_every: int = shared(TrlTraining, "log_every", 1)
+
+    def validate(self) -> list[str]:
+        p = [x for x in super().validate() if not x.startswith("--base is required")]
+        if not self.base:
+            p.insert(0, "--policy is required (the causal-LM artifact to improve, e.g. runs/default/sft)")
+        if bool(self.reward) == bool(self.reward_fn):
+            p.append("give --reward RM_DIR or --reward-fn (gold or module:function), exactly one")
+        if self.reward_fn and self.reward_fn != "gold" and ":" not in self.reward_fn:
+            p.append(f"reward_fn={self.reward_fn!r}; expected gold or module:function (e.g. my_rewards:score)")
+        p += _at_least_one(self, ("prompts_per_step", "max_new_tokens", "num_iterations", "world_prompts", "eval_prompts"))
+        if self.num_generations < 2:
+            p.append(f"num_generations={self.num_generations}; a group needs at least 2 responses (advantages are relative to the group)")
+        elif self.batch_size >= 1 and self.grad_accum >= 1 and self.batch_size * self.grad_accum != self.prompts_per_step * self.num_generations:
+            p.append(f"batch_size x grad_accum = {self.batch_size * self.grad_accum} responses per step, but prompts_per_step x "
+                     f"num_generations = {self.prompts_per_step * self.num_generations}; make them equal")
+        elif self.batch_size >= 1 and self.batch_size % self.num_generations:
+            p.append(f"batch_size={self.batch_size} is not a multiple of num_generations={self.num_generations}")
+        if self.temperature <= 0:
+            p.append(f"temperature={self.temperature}; must be > 0 (GRPO needs sampled responses)")
+        if self.kl_coef < 0 or self.missing_eos_penalty < 0:
+            p.append("kl_coef and missing_eos_penalty must be >= 0")
+        if self.clip_range <= 0:
+            p.append(f"clip_range={self.clip_range}; must be > 0")
+        if self.loss_type not in ("grpo", "dr_grpo", "dapo", "bnpo"):
+            p.append(f"loss_type={self.loss_type!r}; expected grpo, dr_grpo, dapo or bnpo")
+        if self.scale_rewards not in ("group", "batch", "none"):
+            p.append(f"scale_rewards={self.scale_rewards!r}; expected group, batch or none")
+        for name in ("watch_zero_std", "watch_hack_gold_drop"):
+            if not 0 <= getattr(self, name) <= 1:
+                p.append(f"{name}={getattr(self, name)}; expected a value in [0, 1]")
+        return p
+
+
 
 # ---------------------------------------------------------------------------
 # `llm data` (the steps are lifecycle/data/prep/; see docs/data-prep.md)
@@ -663,7 +773,8 @@ class RunConfig(_Checked):
         return p
 
 
-STAGE_CONFIGS: dict[str, type] = {"pretrain": PretrainConfig, "sft": SFTConfig, "reward": RewardConfig, "ppo": PPOConfig}
+STAGE_CONFIGS: dict[str, type] = {"pretrain": PretrainConfig, "sft": SFTConfig, "reward": RewardConfig, "ppo": PPOConfig,
+                                 "dpo": DPOConfig, "grpo": GRPOConfig}
 
 
 # ---------------------------------------------------------------------------

@@ -123,7 +123,9 @@ def test_accelerate_configs_parse(path):
 # (rollout_micro_batch_size, gradient_checkpointing, lr_scheduler, warmup_steps, kl_in_loss) whose defaults keep
 # its behaviour; without those five keys its digest is still 1a903d2bd3131622.
 DEFAULTS_SHA256 = {"pretrain": "3d0d2a1ba615f935", "sft": "25189e8867f99d90", "reward": "532c7507fb00a0ed",
-                   "ppo": "7b3521d3f5ab5596"}
+                   "ppo": "7b3521d3f5ab5596",
+                   # dpo and grpo: their tuned recipes' values (recipes/default/dpo.yaml, grpo.yaml)
+                   "dpo": "00d445724c14f7f3", "grpo": "571cdfc7af183597"}
 
 
 @pytest.mark.parametrize("stage", sorted(STAGE_CONFIGS))
@@ -136,7 +138,8 @@ def test_defaults_are_pinned(stage):
     assert hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16] == DEFAULTS_SHA256[stage], d
 
 
-INPUTS = {"pretrain": {}, "sft": {"base": "b"}, "reward": {"base": "b"}, "ppo": {"policy": "p", "reward": "r"}}
+INPUTS = {"pretrain": {}, "sft": {"base": "b"}, "reward": {"base": "b"}, "ppo": {"policy": "p", "reward": "r"},
+          "dpo": {"base": "b"}, "grpo": {"base": "p", "reward_fn": "gold"}}
 
 
 @pytest.mark.parametrize("stage", sorted(STAGE_CONFIGS))
