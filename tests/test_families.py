@@ -266,6 +266,7 @@ stages:
   reward: {{steps: 4, batch_size: 8, warmup_steps: 1, eval_every: 4, world_prompts: 32, eval_problems: 16, save_every: 0}}
   ppo: {{steps: 2, prompts_per_rollout: 8, minibatch_size: 4, micro_batch_size: 4, ppo_epochs: 1, world_prompts: 32,
         eval_prompts: 8, eval_every: 2, gate_samples: 8, save_every: 0}}
+eval: {{docs: 10, problems: 8, batch_size: 8, decontaminate: false}}
 """)
     out = tmp_path / "run"
     r = subprocess.run([sys.executable, "-m", "lifecycle", "run", str(recipe), "--out", str(out)],
@@ -275,3 +276,5 @@ stages:
         m = json.loads((out / stage / "lifecycle.json").read_text())
         assert m["stage"] == stage
         assert json.loads((out / stage / "config.json").read_text())["model_type"] == "qwen3_moe"
+    evaluated = json.loads((out / "eval" / "eval.json").read_text())["models"]
+    assert list(evaluated) == ["pretrain", "sft", "ppo"] and all(m["language_modelling"]["bits_per_byte"] > 0 for m in evaluated.values())

@@ -15,6 +15,7 @@ stages:
         save_every: 2, keep_checkpoints: 2, log_every: 1}
   reward: {steps: 4, batch_size: 8, warmup_steps: 1, eval_every: 4, world_prompts: 32, eval_problems: 16,
            save_every: 2, keep_checkpoints: 2, log_every: 1}
+eval: false
 """
 
 
