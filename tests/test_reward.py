@@ -75,6 +75,22 @@ def test_full_reward_model_is_a_stock_one_label_classifier(rm_run, tiny_base):
     assert any("eval_accuracy" in row for row in log) and all("step" in row for row in log)
 
 
+def test_reward_model_learns_the_preference(tiny_base, tmp_path):
+    """Pairs whose chosen answer is always "no" and rejected "yes" (after varied prompts), a preference the untrained
+    model gets backwards: a few steps later every held-out pair is ordered right and the mean margin
+    r(chosen) - r(rejected) has grown well past its start."""
+    from lifecycle.stages import reward
+
+    data = tmp_path / "yes_no.jsonl"
+    rows = [{"prompt": f"is {a} plus {b} a number ?", "chosen": "no", "rejected": "yes"} for a in range(8) for b in range(5)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = reward.run(rm_cfg(tiny_base, tmp_path / "o", data=[str(data)], eval_fraction=0.25, max_steps=8, lr=1e-2))
+    m = manifest(out)["metrics"]
+    assert m["eval_pairs"] == 10
+    assert m["eval_accuracy_initial"] == 0.0 and m["eval_accuracy"] == 1.0
+    assert m["eval_margin"] > m["eval_margin_initial"] + 1.0, (m["eval_margin_initial"], m["eval_margin"])
+
+
 @pytest.mark.parametrize("mode", ["lora", "qlora", "dora"])
 def test_reward_adapters_count_and_load_in_stock_peft(rm_run, tiny_base, tiny_tokenizer, mode):
     import torch
