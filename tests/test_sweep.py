@@ -233,3 +233,35 @@ def test_shipped_space_files_load():
         cfg = SweepConfig(stage=stage, space=str(path), out="/tmp/sweep-check")
         space = sweep.check(cfg)
         assert space.params and space.objective in sweep.METRICS[stage]
+
+
+def test_ppo_reports_its_periodic_held_out_metrics_to_a_trial(tiny_base, tmp_path_factory, tiny_tokenizer, tmp_path):
+    """A PPO trial can be pruned: each periodic evaluation hands the trial the manifest's own metric names,
+    and the last report equals what the manifest records (so the pruner and the objective read one number)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from lifecycle.artifacts import save_model_artifact
+    from lifecycle.config import PPOConfig
+    from lifecycle.modeling import model_config
+    from lifecycle.stages import ppo
+
+    torch.manual_seed(1)
+    rc = model_config("llama-micro", len(tiny_tokenizer), tiny_tokenizer.eos_token_id, tiny_tokenizer.pad_token_id)
+    rc.num_labels = 1
+    reward = tmp_path_factory.mktemp("sweep_rm")
+    save_model_artifact(AutoModelForSequenceClassification.from_config(rc), tiny_tokenizer, reward, stage="reward",
+                        config={}, metrics={"eval_accuracy": 0.9}, parent=None, seed=0)
+    out = tmp_path / "ppo"
+    cfg = build_config(PPOConfig, None, dict(policy=str(tiny_base), reward=str(reward), out=str(out), max_steps=2,
+                                             eval_every=1, prompts_per_rollout=4, minibatch_size=4, micro_batch_size=4,
+                                             ppo_epochs=1, world_prompts=16, eval_prompts=4, gate_samples=4, save_every=0))
+    reports = []
+    with sweep.reporting(lambda step, total, metrics: reports.append((step, total, dict(metrics)))):
+        ppo.run(cfg)
+    assert [(s, t) for s, t, _ in reports] == [(1, 2), (2, 2)]
+    assert all(set(m) <= set(sweep.METRICS["ppo"]) and {"score", "kl"} <= set(m) for _, _, m in reports)
+    final = json.loads((out / "lifecycle.json").read_text())["metrics"]
+    assert reports[-1][2]["score"] == pytest.approx(final["score"]) and reports[-1][2]["kl"] == pytest.approx(final["kl"])
+    if "gold_accuracy" in final:
+        assert reports[-1][2]["gold_accuracy"] == pytest.approx(final["gold_accuracy"])

@@ -38,7 +38,7 @@ from typing import Callable
 import torch
 from accelerate.utils import set_seed
 
-from lifecycle import artifacts, checkpoints, rl, training
+from lifecycle import artifacts, checkpoints, rl, sweep, training
 from lifecycle.config import PPOConfig, to_dict
 from lifecycle.data import world
 from lifecycle.errors import Interrupted, UsageError
@@ -479,6 +479,9 @@ def run(cfg: PPOConfig, *, reward_fn: RewardFn | None = None) -> Path:
             if step % cfg.eval_every == 0 or step == total:
                 last_eval = evaluate(roles, raw_eval, eval_prompts, problems, acc, cfg, stop, reward_fn)
                 m.update(last_eval)
+                # `llm sweep` only: the trial's pruner may stop this run here (a no-op otherwise); the names are the manifest's.
+                sweep.report_eval(step, total, {"score": last_eval["eval_score"], "kl": last_eval["eval_kl"],
+                                                **({"gold_accuracy": last_eval["eval_gold_accuracy"]} if "eval_gold_accuracy" in last_eval else {})})
                 alarms += st.dog.observe_eval(step, last_eval["eval_score"], last_eval.get("eval_gold_accuracy"))
             if st.dog.active:
                 m["alarms"] = sorted(st.dog.active)
