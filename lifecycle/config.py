@@ -676,7 +676,7 @@ class EstimateMemoryConfig:
     """
 
     model: str = opt(..., "An artifact directory, a transformers config.json, or a published preset such as llama-2-7b (an unknown name lists them all).")
-    stage: str = opt("sft", "pretrain | sft | reward | ppo | inference.")
+    stage: str = opt("sft", "pretrain | sft | reward | ppo | dpo | grpo | inference (dpo: policy + frozen reference; grpo: + a reward model).")
     method: str = opt("full", "full | lora | qlora (NF4 with double quantization).")
     lora_r: int = shared(PeftCommon, "lora_r")
     dtype: str = opt("bf16", "bf16 | fp16 | fp32.")

@@ -45,7 +45,7 @@ from lifecycle.presets import PUBLISHED_PARAMS, load_model_config  # noqa: F401
 
 KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
 
-STAGES = ("pretrain", "sft", "reward", "ppo", "inference")
+STAGES = ("pretrain", "sft", "reward", "ppo", "dpo", "grpo", "inference")
 METHODS = ("full", "lora", "qlora")
 PRECISIONS = ("mixed", "pure")
 MP_STYLES = ("autocast", "master")
@@ -441,11 +441,13 @@ def _estimate(sh: Shape, *, stage: str, method: str, lora_r: int, dtype: str, pr
         phase = "generation"
         n_params, n_train = ms["n_params"], 0
     else:
-        b = batch_size * (2 if stage == "reward" else 1)   # chosen + rejected in one forward (TRL)
+        b = batch_size * (2 if stage in ("reward", "dpo") else 1)   # chosen + rejected in one forward (TRL)
         head = "score" if stage == "reward" else "lm"
         model_list = [("actor" if stage == "ppo" else "policy", True, head)]
         if stage == "ppo":
             model_list += [("critic", True, "score"), ("reference", False, "lm"), ("reward", False, "score")]
+        if stage in ("dpo", "grpo"):  # DPO: the frozen reference; GRPO: also a reward model (with --reward)
+            model_list += [("reference", False, "lm")] + ([("reward", False, "score")] if stage == "grpo" else [])
         states = {k: 0 for k in STATE_ROWS}   # ddp_buckets_bytes is filled in below
         step_temp, largest_layer = 0, 0
         fwd_phases = []
@@ -466,7 +468,7 @@ def _estimate(sh: Shape, *, stage: str, method: str, lora_r: int, dtype: str, pr
                 n_train += ms["n_trainable"]
                 a = _activations(sh, b=b, s=seq_len, head=hd, **common, **act_kw)
                 fwd_phases.append((role, a))
-            if stage == "ppo":
+            if stage in ("ppo", "dpo", "grpo"):
                 roles.append(dict(role=role, trains=trains, bytes=sum(ms.get(k, 0) for k in STATE_ROWS),
                                   what=("trains: weights + grads + optimizer" if trains else "frozen weights, forward only")
                                   + (" (value head)" if hd == "score" else "")))
@@ -474,7 +476,7 @@ def _estimate(sh: Shape, *, stage: str, method: str, lora_r: int, dtype: str, pr
         role, a = max(fwd_phases, key=lambda ra: sum(ra[1][k] for k in ("weight_copies_bytes", "activations_bytes",
                                                                          "logits_bytes", "loss_backward_bytes",
                                                                          "recompute_bytes")))
-        if stage == "ppo":
+        if stage in ("ppo", "grpo"):  # both sample their responses with a KV cache
             details["activations_from"] = role
             kdt = 4 if regime == "fp32" else half
             details["rollout_kv_cache_bytes"] = 2 * sh.layers * sh.kv_heads * sh.head_dim * seq_len * batch_size * kdt
@@ -527,7 +529,7 @@ def _estimate(sh: Shape, *, stage: str, method: str, lora_r: int, dtype: str, pr
             details["grads_at_peak_bytes"] = live
         phase = "forward/backward" if fwd + live >= grads + step else "optimizer step"
         total = states_total - grads + max(fwd + live, grads + step)
-        if stage == "ppo":
+        if stage in ("ppo", "grpo"):
             details["rollout_total_bytes"] = states_total + details["rollout_kv_cache_bytes"]
             if details["rollout_total_bytes"] > total:
                 total, phase = details["rollout_total_bytes"], "rollout generation"
@@ -548,6 +550,10 @@ def _estimate(sh: Shape, *, stage: str, method: str, lora_r: int, dtype: str, pr
         if stage == "sft":
             notes["loss_backward_bytes"] = ("transient: backward of TRL's fused LM head (fp32 grad of the hidden "
                                             "states, one 4096 x 32768 logits tile, chunk casts); sft keeps no logits")
+        if stage == "dpo":
+            warnings.append("dpo: chosen and rejected run in one forward, so activations are for 2 x batch")
+        if stage == "grpo":
+            warnings.append("grpo: counts a reference (none with kl_coef 0) and a reward model (none with --reward-fn)")
         if stage == "reward":
             notes["logits_bytes"] = "pooled reward scores held by the output"
             warnings.append("reward: chosen and rejected run in one forward, so activations are for 2 x batch")

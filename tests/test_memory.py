@@ -459,3 +459,34 @@ def test_measure_builds_through_the_stage_loader(mm, monkeypatch):
     assert meas["rows"]["logits_bytes"] == 0
     big = [s for s in meas["saved"] if s[1] and s[1][-1] == LLAMA["vocab_size"]]
     assert big == []
+
+
+# ---------------------------------------------------------------------------
+# dpo and grpo: their roles (lifecycle/stages/dpo.py, grpo.py)
+# ---------------------------------------------------------------------------
+def test_dpo_counts_a_frozen_reference_and_two_sequences_per_pair():
+    """Llama-2-7B, bf16 mixed: the trained policy keeps fp32 weights (4 B/param), the frozen reference bf16
+    (2 B/param); chosen and rejected share one forward, so a batch of 1 pair has pretraining's activations at 2."""
+    cfg, _ = presets.load_model_config("llama-2-7b")
+    n = 6_738_415_616
+    d = memory.estimate(cfg, stage="dpo", batch_size=1, seq_len=512)
+    p = memory.estimate(cfg, stage="pretrain", batch_size=2, seq_len=512)
+    assert d.rows["params_bytes"] == 4 * n + 2 * n
+    assert d.rows["activations_bytes"] == p.rows["activations_bytes"] and d.rows["grads_bytes"] == p.rows["grads_bytes"]
+    assert [(r["role"], r["trains"], r["bytes"]) for r in d.roles][1] == ("reference", False, 2 * n)
+    lora = memory.estimate(cfg, stage="dpo", method="lora", batch_size=1, seq_len=512)
+    assert [(r["role"], r["bytes"]) for r in lora.roles][1] == ("reference", 0)  # the adapter disabled: no copy
+
+
+def test_grpo_counts_reference_and_reward_model_and_the_sampling_cache():
+    """The reward model is the backbone without the 32,000 x 4,096 output matrix plus a one-output head, in bf16."""
+    cfg, _ = presets.load_model_config("llama-2-7b")
+    n, head = 6_738_415_616, 32_000 * 4_096
+    g = memory.estimate(cfg, stage="grpo", batch_size=2, seq_len=512)
+    roles = {r["role"]: r["bytes"] for r in g.roles}
+    assert roles["reference"] == 2 * n and roles["reward"] == 2 * (n - head + 4_096)
+    assert g.rows["params_bytes"] == 4 * n + 2 * n + roles["reward"]
+    assert g.details["rollout_kv_cache_bytes"] == memory.kv_cache_bytes(cfg, 2, 512, 2)
+    out = subprocess.run([sys.executable, "-m", "lifecycle", "estimate-memory", "--model", "llama-2-7b", "--stage", "grpo"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "reference" in out.stdout and "reward" in out.stdout, out.stderr
