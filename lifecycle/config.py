@@ -549,8 +549,10 @@ class GRPOConfig(FinetunePeft, ChatFormat, TrlTraining):
         p = [x for x in super().validate() if not x.startswith("--base is required")]
         if not self.base:
             p.insert(0, "--policy is required (the causal-LM artifact to improve, e.g. runs/default/sft)")
-        if bool(self.reward) == bool(self.reward_fn):
-            p.append("give --reward RM_DIR or --reward-fn (gold or module:function), exactly one")
+        if not self.reward and not self.reward_fn:
+            p.append("--reward or --reward-fn is required (a reward-model artifact, or gold, or module:function)")
+        elif self.reward and self.reward_fn:
+            p.append("both --reward and --reward-fn given; pick one source of rewards")
         if self.reward_fn and self.reward_fn != "gold" and ":" not in self.reward_fn:
             p.append(f"reward_fn={self.reward_fn!r}; expected gold or module:function (e.g. my_rewards:score)")
         p += _at_least_one(self, ("prompts_per_step", "max_new_tokens", "num_iterations", "world_prompts", "eval_prompts"))

@@ -25,15 +25,22 @@ from lifecycle.config import STAGE_CONFIGS, build_config, read_yaml
 from lifecycle.errors import StageRegressed, UsageError
 
 DEFAULT_STAGES = ["pretrain", "sft", "reward", "ppo"]
-RECIPE_KEYS = {"stages", "eval"}  # a run recipe's top-level keys
+ALIGN = ("ppo", "grpo", "dpo")  # the alignment methods a recipe's `align:` picks from (default ppo)
+STAGES = DEFAULT_STAGES + ["grpo", "dpo"]  # every stage a recipe may name, in lifecycle order
+RECIPE_KEYS = {"stages", "eval", "align"}  # a run recipe's top-level keys
 # stage -> {config field: stage whose output feeds it}
-INPUTS = {"sft": {"base": "pretrain"}, "reward": {"base": "sft"}, "ppo": {"policy": "sft", "reward": "reward"}}
+INPUTS = {"sft": {"base": "pretrain"}, "reward": {"base": "sft"}, "ppo": {"policy": "sft", "reward": "reward"},
+          "dpo": {"base": "sft"}, "grpo": {"base": "sft", "reward": "reward"}}
+# An input not wired when the stage's options set another field instead (grpo's reward_fn replaces --reward).
+INSTEAD = {("grpo", "reward"): "reward_fn"}
 # Held-out metrics shown in the summary, per stage: (label, manifest key, key of the value before training).
 SUMMARY = {
     "pretrain": [("held-out loss", "eval_loss", "eval_loss_initial"), ("held-out sums correct", "heldout_completion_accuracy", None)],
     "sft": [("gold accuracy", "gold_accuracy", "gold_accuracy_initial"), ("eval loss", "eval_loss", None)],
     "reward": [("pairwise accuracy", "eval_accuracy", "eval_accuracy_initial"), ("margin", "eval_margin", None)],
     "ppo": [("gold accuracy", "gold_accuracy", "gold_accuracy_initial"), ("RM score", "score", "score_initial"), ("KL to reference", "kl", None)],
+    "grpo": [("gold accuracy", "gold_accuracy", "gold_accuracy_initial"), ("reward", "score", "score_initial"), ("KL to reference", "kl", None)],
+    "dpo": [("gold accuracy", "gold_accuracy", "gold_accuracy_initial"), ("preference accuracy", "eval_accuracy", None), ("KL to reference", "kl", None)],
 }
 
 
@@ -73,9 +80,10 @@ def load_recipe(recipe: str | None) -> list[tuple[str, str | None, dict]]:
     if not isinstance(stages, dict) or not stages:
         raise UsageError(f"recipe {path} must hold `stages:` mapping stage names to config files or options, e.g. `stages: {{pretrain: pretrain.yaml}}`")
     plan = []
+    stages = choose_alignment(stages, data.get("align"), path)
     for name, spec in stages.items():
-        if name not in DEFAULT_STAGES:
-            raise UsageError(f"recipe {path}: unknown stage {name!r}; stages are {', '.join(DEFAULT_STAGES)}")
+        if name not in STAGES:
+            raise UsageError(f"recipe {path}: unknown stage {name!r}; stages are {', '.join(STAGES)}")
         if name not in STAGE_CONFIGS:
             raise UsageError(f"recipe {path}: stage {name!r} is not available in this version")
         if spec is None:
@@ -89,6 +97,30 @@ def load_recipe(recipe: str | None) -> list[tuple[str, str | None, dict]]:
     return plan
 
 
+def choose_alignment(stages: dict, align, path: Path) -> dict:
+    """The recipe's stages with its `align:` method (ppo | grpo | dpo) in the alignment slot: an alignment stage
+    the recipe names is replaced by `align` with ALIGN.yaml beside the recipe (when there is one, else its
+    defaults); a recipe that names none gets `align` last. Without `align:` the stages are kept as written."""
+    if align is None:
+        return stages
+    if align not in ALIGN:
+        raise UsageError(f"recipe {path}: align={align!r}; expected one of {', '.join(ALIGN)}")
+    spec = f"{align}.yaml" if (path.parent / f"{align}.yaml").is_file() else None
+    named = [s for s in stages if s in ALIGN]
+    if len(named) > 1:
+        raise UsageError(f"recipe {path}: `align: {align}` with several alignment stages ({', '.join(named)}); "
+                         f"name one, or drop `align:` to run them all")
+    if not named:
+        return {**stages, align: spec}
+    chosen = {}
+    for s, v in stages.items():
+        if s in ALIGN:
+            chosen[align] = v if s == align else spec
+        else:
+            chosen[s] = v
+    return chosen
+
+
 def plan_from_manifest(src: str, out: Path) -> list[tuple[str, str | None, dict]]:
     """Repeat a finished run from what its manifests recorded: each stage's resolved config and seed.
 
@@ -100,7 +132,7 @@ def plan_from_manifest(src: str, out: Path) -> list[tuple[str, str | None, dict]
     if (path / artifacts.MANIFEST).is_file():
         found = [(artifacts.read_manifest(path)["stage"], path)]
     elif path.is_dir():
-        found = [(s, path / s) for s in DEFAULT_STAGES if (path / s / artifacts.MANIFEST).is_file()]
+        found = [(s, path / s) for s in STAGES if (path / s / artifacts.MANIFEST).is_file()]
     else:
         found = []
     if not found:
@@ -146,6 +178,9 @@ def run_lifecycle(recipe: str | None, out: str, *, max_steps: int | None = None,
         overrides = dict(inline)
         overrides["out"] = str(root / name)
         for field, src in INPUTS.get(name, {}).items():
+            instead = INSTEAD.get((name, field))
+            if instead and (instead in overrides or (cfg_path and read_yaml(cfg_path).get(instead))):
+                continue
             if field not in overrides and not (cfg_path and field in read_yaml(cfg_path)):
                 overrides[field] = str(root / src)
         if max_steps is not None:
@@ -278,6 +313,8 @@ CURVES = {
     "sft": [("SFT loss", ["loss", "eval_loss"]), ("SFT gold accuracy", ["gold_accuracy"])],
     "reward": [("reward-model loss", ["loss"]), ("reward-model pairwise accuracy", ["eval_accuracy"])],
     "ppo": [("PPO reward-model score", ["score_mean", "eval_score"]), ("PPO KL to reference", ["kl"]), ("PPO gold accuracy", ["eval_gold_accuracy"])],
+    "grpo": [("GRPO reward", ["reward", "eval_score"]), ("GRPO zero-variance groups", ["frac_reward_zero_std"]), ("GRPO gold accuracy", ["eval_gold_accuracy"])],
+    "dpo": [("DPO loss", ["loss", "eval_loss"]), ("DPO preference accuracy", ["eval_rewards/accuracies"])],
 }
 
 

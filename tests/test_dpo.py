@@ -163,3 +163,17 @@ def test_default_recipe_restates_the_builtin_defaults():
     defaults = DPOConfig()
     for k, v in recipe.items():
         assert getattr(defaults, k) == v, k
+
+
+def test_run_recipe_align_puts_dpo_in_the_alignment_slot(tmp_path):
+    from lifecycle.errors import UsageError
+    from lifecycle.runner import load_recipe
+
+    plan = load_recipe(str(REPO / "recipes" / "default" / "run-dpo.yaml"))
+    assert [s for s, _, _ in plan] == ["pretrain", "sft", "dpo"]
+    assert plan[-1][1] == str(REPO / "recipes" / "default" / "dpo.yaml")
+    (tmp_path / "run.yaml").write_text("stages: {sft: {max_steps: 1}, ppo: {kl_coef: 0.1}}\nalign: dpo\n")
+    assert load_recipe(str(tmp_path)) == [("sft", None, {"max_steps": 1}), ("dpo", None, {})]  # no dpo.yaml beside it
+    (tmp_path / "run.yaml").write_text("stages: {sft: null}\nalign: rlhf\n")
+    with pytest.raises(UsageError, match="align='rlhf'; expected one of ppo, grpo, dpo"):
+        load_recipe(str(tmp_path))

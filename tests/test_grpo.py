@@ -200,7 +200,7 @@ def test_cli_grpo_refuses_a_reward_function_of_the_wrong_shape(tiny_base, tmp_pa
 
 def test_cli_grpo_needs_exactly_one_reward_and_consistent_batches(tiny_base, tmp_path):
     p = run_cli("grpo", "--policy", str(tiny_base), "--out", str(tmp_path / "o"), "--num-generations", "6")
-    assert_usage_error(p, "exactly one", "make them equal")
+    assert_usage_error(p, "--reward or --reward-fn is required", "make them equal")
 
 
 def test_default_recipe_restates_the_builtin_defaults():
@@ -210,3 +210,11 @@ def test_default_recipe_restates_the_builtin_defaults():
     defaults = GRPOConfig()
     for k, v in recipe.items():
         assert getattr(defaults, k) == v, k
+
+
+def test_run_recipe_align_puts_grpo_in_the_alignment_slot():
+    from lifecycle.runner import load_recipe
+
+    plan = load_recipe(str(REPO / "recipes" / "default" / "run-grpo.yaml"))
+    assert [s for s, _, _ in plan] == ["pretrain", "sft", "reward", "grpo"]
+    assert plan[-1][1] == str(REPO / "recipes" / "default" / "grpo.yaml")
