@@ -150,6 +150,31 @@ def test_toy_task_ppo_learns_the_preferred_token(toy, tmp_path):
     assert manifest["metrics"]["score_initial"] < 0.5
 
 
+def test_large_steps_clip_and_the_value_loss_falls(toy, tmp_path):
+    """Large steps (lr 3e-2, 4 epochs): some tokens' ratios leave [1 - ε, 1 + ε] and are clipped; the critic
+    (started from the policy) learns the now steady return, so its value loss falls and its weights move."""
+    import torch
+    from safetensors.torch import load_file
+
+    from lifecycle.stages import ppo
+
+    target = toy["target"]
+    out = tmp_path / "clip"
+    cfg = build_config(PPOConfig, None, dict(
+        policy=str(toy["policy"]), reward=str(toy["reward"]), out=str(out), critic="policy", max_steps=6,
+        prompts_per_rollout=32, minibatch_size=16, micro_batch_size=16, max_new_tokens=4, lr=3e-2, critic_lr=1e-2,
+        ppo_epochs=4, kl_coef=0.05, missing_eos_penalty=0.0, normalize_reward=False, eval_prompts=16, eval_every=6,
+        world_prompts=200, save_every=0, log_every=100, seed=0))
+    ppo.run(cfg, reward_fn=lambda prompts, samples: [float(s.token_ids[:1] == [target]) for s in samples])
+    steps = [d for d in _log(out) if "score_mean" in d]
+    assert max(d["clipfrac"] for d in steps) > 0.05, [round(d["clipfrac"], 3) for d in steps]
+    vl = [d["value_loss"] for d in steps]
+    assert vl[-1] < 0.5 * vl[0], vl
+    policy, critic = load_file(toy["policy"] / "model.safetensors"), load_file(out / "critic" / "model.safetensors")
+    shared = [k for k in critic if k in policy]
+    assert shared and any(not torch.equal(policy[k], critic[k]) for k in shared), "the critic's backbone never moved"
+
+
 def test_shared_base_scores_match_the_reward_model(tiny_base, tiny_lora_reward, tmp_path):
     """--lora with a LoRA reward model over the policy: one base, three adapters; the reward adapter + head score
     exactly what the merged reward artifact scores, and the critic starts as the reward model."""
@@ -273,6 +298,12 @@ def test_qlora_runs_on_cpu_and_writes_a_full_precision_actor(tiny_base, tiny_rew
                                                lr=1e-2, max_steps=1, **SMALL)))
     actor = AutoModelForCausalLM.from_pretrained(out)
     assert all(p.dtype.is_floating_point for p in actor.parameters())
+    import torch
+    from safetensors.torch import load_file
+
+    # The policy is fp32: so is every tensor of the merged actor on disk (not bf16, the 4-bit base's compute dtype).
+    assert {v.dtype for v in load_file(tiny_base / "model.safetensors").values()} == {torch.float32}
+    assert {v.dtype for v in load_file(out / "model.safetensors").values()} == {torch.float32}
     assert (out / "adapter" / "adapter_config.json").is_file()
 
 
@@ -368,6 +399,91 @@ def test_two_processes_hold_identical_weights(tiny_base, tiny_reward, tmp_path):
     assert d0["actor"] == d1["actor"] and d0["critic"] == d1["critic"]
     assert d0["actor"] != weights_digest(load_causal_lm(str(tiny_base)))  # and they did train
     assert (out / "lifecycle.json").is_file() and (out / "critic" / "model.safetensors").is_file()
+
+
+def test_ranks_train_on_different_prompts(tiny_base, tiny_reward, tmp_path):
+    """Two processes: each iteration's global batch of prompts is split between the ranks, so their prompts
+    differ, and together they are the batch one process would draw (training.batch_indices)."""
+    seen = tmp_path / "seen"
+    seen.mkdir()
+    script = tmp_path / "spy.py"
+    script.write_text(
+        "import json, os, sys\n"
+        "from lifecycle.stages import ppo\n"
+        "real = ppo.rollout\n"
+        "def rollout(roles, raw, prompts, *a, **k):\n"
+        "    from accelerate import PartialState\n"
+        f"    with open(os.path.join({str(seen)!r}, f'rank-{{PartialState().process_index}}'), 'a') as f:\n"
+        "        f.write(json.dumps(prompts) + '\\n')\n"
+        "    return real(roles, raw, prompts, *a, **k)\n"
+        "ppo.rollout = rollout\n"
+        "from lifecycle.cli import main\n"
+        "main()\n")
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, str(script), "ppo", "--policy", str(tiny_base), "--reward", str(tiny_reward), "--out", str(out),
+           "--max-steps", "2"]
+    for k, v in {**SMALL, "eval_every": 2}.items():
+        cmd += ["--set", f"{k}={v}"]
+    # The two ranks started as torchrun (or lifecycle.launch) starts them: a gloo group on this machine.
+    ranks = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env={
+        **os.environ, **ONE_THREAD, "ACCELERATE_USE_CPU": "true", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+        "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}) for r in (0, 1)]
+    for p in ranks:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-3000:]
+    r0, r1 = ([json.loads(x) for x in (seen / f"rank-{r}").read_text().splitlines()] for r in (0, 1))
+    assert len(r0) == len(r1) == 2
+    G = SMALL["prompts_per_rollout"]
+    for a, b in zip(r0, r1):
+        assert len(a) == len(b) == G // 2  # each rank its half of the global batch ...
+        assert len(set(a) & set(b)) < G // 4, (a, b)  # ... and not the same half
+    assert r0[0] != r0[1]  # a new batch each iteration
+
+
+def _tensors(ck: Path) -> dict:
+    import torch
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(ck.iterdir()):
+        if f.suffix == ".safetensors":
+            out.update({f"{f.name}:{k}": v for k, v in load_file(str(f)).items()})
+        elif f.name.startswith("optimizer") and f.suffix == ".bin":
+            state = torch.load(f, weights_only=True)["state"]
+            out.update({f"{f.name}:{k}.{n}": v for k, s in state.items() for n, v in s.items() if hasattr(v, "shape")})
+    return out
+
+
+def test_resume_equals_an_uninterrupted_run(tiny_base, tiny_reward, tmp_path):
+    """Two iterations in one process, and the same run resumed from its iteration-1 checkpoint in a second
+    process, end with equal actor, critic and optimizer tensors (the final checkpoint's)."""
+    import shutil
+
+    import torch
+
+    from lifecycle.stages import ppo
+
+    out = tmp_path / "o"
+    opts = dict(SMALL, save_every=1, lr=1e-2, eval_every=2)
+    ppo.run(build_config(PPOConfig, None, dict(policy=str(tiny_base), reward=str(tiny_reward), out=str(out), max_steps=2,
+                                               **opts)))
+    final = out / "checkpoints" / "step-000002"
+    whole = _tensors(final)
+    assert any(k.startswith("optimizer") for k in whole) and any(k.startswith("model_1") for k in whole)
+    shutil.rmtree(final)
+    args = ["--policy", str(tiny_base), "--reward", str(tiny_reward), "--out", str(out), "--max-steps", "2", "--resume"]
+    for k, v in opts.items():
+        args += ["--set", f"{k}={v}"]
+    p = _cli(*args)
+    assert p.returncode == 0, p.stderr[-3000:]
+    again = _tensors(final)
+    assert again.keys() == whole.keys()
+    assert [k for k in whole if not torch.equal(whole[k], again[k])] == []
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_base, tiny_reward, tmp_path):
@@ -762,11 +878,11 @@ def test_gradient_checkpointing_changes_memory_not_numbers(tiny_base, tiny_rewar
 # Regression: the numbers of a fixed tiny run, and resume = uninterrupted
 # ---------------------------------------------------------------------------
 GOLDEN_KEYS = ("score_mean", "kl", "entropy", "policy_loss", "value_loss", "clipfrac", "approx_kl", "explained_variance")
-GOLDEN = {  # from the loop as of this commit (identical to the loop before its one-optimizer refactor)
-    1: dict(score_mean=0.04073251783847809, kl=0.0, entropy=5.696720123291016, policy_loss=-0.08144192397594452,
-            value_loss=0.730426013469696, clipfrac=0.15234375, approx_kl=0.008929802104830742, explained_variance=-0.016119837760925293),
-    2: dict(score_mean=0.0012355446815490723, kl=0.002087831497192383, entropy=5.6965179443359375, policy_loss=-0.058625753968954086,
-            value_loss=0.9248498678207397, clipfrac=0.0546875, approx_kl=0.004151154309511185, explained_variance=0.014098405838012695),
+GOLDEN = {  # from the loop as of this commit (the critic reads the normalised reward scale since this commit)
+    1: dict(score_mean=0.04073251783847809, kl=0.0, entropy=5.696720123291016, policy_loss=-0.0861613005399704,
+            value_loss=1.0468298196792603, clipfrac=0.20703125, approx_kl=0.010702216997742653, explained_variance=-1.433659553527832),
+    2: dict(score_mean=0.0012355446815490723, kl=0.005059659481048584, entropy=5.696299076080322, policy_loss=-0.055963460355997086,
+            value_loss=0.9648531079292297, clipfrac=0.04296875, approx_kl=0.0041017597541213036, explained_variance=-0.9807257652282715),
 }
 
 
