@@ -33,7 +33,9 @@ ROOT = Path(__file__).resolve().parent.parent
 class Mutant:
     name: str
     about: str
-    patches: list[tuple[str, str, str]]  # (file relative to the repo, exact text that must occur once, replacement)
+    # (file relative to the repo, exact text that must occur once, replacement); the text may be a tuple of
+    # alternatives (the code's wording before and after a change), the first found once is replaced
+    patches: list[tuple[str, str | tuple[str, ...], str]]
     tests: list[str] = field(default_factory=list)  # pytest node ids or files, relative to the repo
 
 
@@ -46,8 +48,9 @@ MUTANTS = [
              "state = __import__('json').loads((ck / 'state.json').read_text())")],
            [f"{PPO}::test_resume_equals_an_uninterrupted_run"]),
     Mutant("sft-resume-from-scratch", "SFT resume ignores the checkpoint and trains from scratch",
-           [("lifecycle/stages/sft.py", "trainer.train(resume_from_checkpoint=True if resuming else None)",
-             "trainer.train(resume_from_checkpoint=None)")],
+           [("lifecycle/stages/sft.py", ("trainer.train(resume_from_checkpoint=True if resuming else None)",
+                                         "finetune.train(trainer, cfg, resuming)"),
+             "finetune.train(trainer, cfg, False)")],
            [f"{S}::test_resume_equals_an_uninterrupted_run"]),
     Mutant("resume-skips-rng", "resume restores weights and optimizer but not the RNG state",
            [("lifecycle/checkpoints.py", "    accelerator.load_state(str(ck))\n",
@@ -76,7 +79,7 @@ MUTANTS = [
     Mutant("ppo-same-prompts-per-rank", "every PPO process trains on the same prompts",
            [("lifecycle/stages/ppo.py", 'cfg.seed, rng="python")[rank * B : (rank + 1) * B]',
              'cfg.seed, rng="python")[0:B]')],
-           [f"{PPO}::test_two_processes_hold_identical_weights"]),
+           [f"{PPO}::test_ranks_train_on_different_prompts"]),
     Mutant("ppo-qlora-actor-bf16", "PPO's QLoRA actor is written in bf16",
            [("lifecycle/stages/ppo.py", "        actor.generation_config.eos_token_id = stop[0] if len(stop) == 1 else stop\n",
              "        actor = actor.to(torch.bfloat16) if cfg.qlora else actor\n"
@@ -157,12 +160,12 @@ def copy_repo(dest: Path) -> None:
 
 
 def apply(m: Mutant, root: Path) -> None:
-    for rel, old, new in m.patches:
+    for rel, olds, new in m.patches:
         path = root / rel
         text = path.read_text(encoding="utf-8")
-        n = text.count(old)
-        if n != 1:
-            raise SystemExit(f"mutant {m.name}: the text to replace occurs {n} times in {rel} (expected once): {old!r}")
+        old = next((o for o in ((olds,) if isinstance(olds, str) else olds) if text.count(o) == 1), None)
+        if old is None:
+            raise SystemExit(f"mutant {m.name}: none of the texts to replace occurs exactly once in {rel}: {olds!r}")
         path.write_text(text.replace(old, new), encoding="utf-8")
 
 
