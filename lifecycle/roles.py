@@ -75,12 +75,14 @@ class ValueModel(torch.nn.Module):
     def __init__(self, seqcls):
         super().__init__()
         self.model = seqcls  # may be a peft model
+        self.shift, self.scale = 0.0, 1.0  # V = (head(h) - shift) / scale: see Roles.set_value_scale
 
     def forward(self, input_ids, attention_mask, position_ids) -> torch.Tensor:
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         h = _body(self.model)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                               use_cache=False).last_hidden_state  # (B, L, H)
-        return base.score(h.to(base.score.weight.dtype)).squeeze(-1).float()  # (B, L)
+        v = base.score(h.to(base.score.weight.dtype)).squeeze(-1).float()  # (B, L)
+        return (v - self.shift) / self.scale
 
 
 class Roles:
@@ -139,6 +141,12 @@ class Roles:
 
     def describe(self) -> str:
         return f"actor: {describe_trainable(self.actor)} | critic from {self.critic_source}: {describe_trainable(self.critic)}"
+
+    def set_value_scale(self, mean: float, std: float) -> None:
+        """Put the critic's output on the normalised reward scale: V = (head(h) - mean) / std, the map the scores
+        go through, so a critic that starts as the reward model predicts the normalised score (as OpenRLHF's
+        critic applies the reward normalisation). The saved critic keeps the raw head (the manifest's reward_norm)."""
+        self.critic_u.shift, self.critic_u.scale = float(mean), float(std)
 
     # -- sampling --------------------------------------------------------------------
     def sample(self, prompts: list[str], cfg: PPOConfig, stop: list[int], greedy: bool = False,
@@ -277,6 +285,7 @@ class SharedBase(torch.nn.Module):
     def __init__(self, peft_model, reward_head: torch.nn.Linear, value_head: torch.nn.Linear):
         super().__init__()
         self.peft, self.reward_head, self.value_head = peft_model, reward_head, value_head
+        self.value_shift, self.value_scale = 0.0, 1.0
 
     def use(self, name: str) -> None:
         """Make one adapter active without changing what trains (peft's set_adapter would freeze the others)."""
@@ -296,7 +305,11 @@ class SharedBase(torch.nn.Module):
                            use_cache=False, logits_to_keep=logits_to_keep).logits
         self.use("critic")
         h = self.hidden(input_ids, attention_mask, position_ids)
-        return logits, self.value_head(h).squeeze(-1).float()
+        return logits, self.value(h)
+
+    def value(self, h: torch.Tensor) -> torch.Tensor:
+        """(B, L) values from hidden states, on the scale `SharedRoles.set_value_scale` chose."""
+        return (self.value_head(h).squeeze(-1).float() - self.value_shift) / self.value_scale
 
 
 class SharedRoles(Roles):
@@ -359,7 +372,10 @@ class SharedRoles(Roles):
         ids, mask, pos = r.model_inputs()
         self.use("critic")
         with self.autocast():
-            return r.at_responses(self.module.value_head(self.hidden(ids, mask, pos)).squeeze(-1).float())
+            return r.at_responses(self.module.value(self.hidden(ids, mask, pos)))
+
+    def set_value_scale(self, mean: float, std: float) -> None:
+        self.module.value_shift, self.module.value_scale = float(mean), float(std)
 
     def train_forward(self, u: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
         ids, mask, pos = u.model_inputs()

@@ -417,6 +417,8 @@ def run(cfg: PPOConfig, *, reward_fn: RewardFn | None = None) -> Path:
         state = checkpoints.load_checkpoint(acc, ck)
         st.load_state_dict(state)
         start = state["step"]
+        if st.norm is not None and roles.critic_source == inputs.reward.path:
+            roles.set_value_scale(st.norm["mean"], st.norm["std"])
         say(f"resumed from {ck} at iteration {start}")
     else:
         st.initial = evaluate(roles, raw_eval, eval_prompts, problems, acc, cfg, stop, reward_fn)
@@ -447,6 +449,9 @@ def run(cfg: PPOConfig, *, reward_fn: RewardFn | None = None) -> Path:
                 sd = all_scores.std().item() if all_scores.numel() > 1 else 1.0
                 st.norm = ({"mean": all_scores.mean().item(), "std": sd if sd > 1e-6 else 1.0} if cfg.normalize_reward
                            else {"mean": 0.0, "std": 1.0})
+                if roles.critic_source == inputs.reward.path:  # the critic reads the reward model's raw scale
+                    roles.set_value_scale(st.norm["mean"], st.norm["std"])
+                    r.values = (r.values - st.norm["mean"]) / st.norm["std"] * r.response_mask
             score = (r.scores - st.norm["mean"]) / st.norm["std"] - cfg.missing_eos_penalty * (~r.ended).float()
 
             # -- 3-4. KL-shaped rewards, GAE advantages and returns ------------------------------------
