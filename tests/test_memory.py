@@ -4,7 +4,8 @@ Measurement: lifecycle.memory_measure runs one real training step of a tiny
 model on the CPU and counts bytes from the tensors themselves (parameters,
 .grad, optimizer.state, and the tensors autograd saves for backward through
 saved_tensors_hooks, once per storage). The estimate (pure arithmetic) must
-agree: model states within 2 %, saved tensors within 10 %.
+agree byte for byte, except GPT-2 under QLoRA, whose saved activations the
+estimate overstates by under 0.1 % (a gap of 192-768 bytes not yet explained).
 """
 
 from __future__ import annotations
@@ -49,10 +50,11 @@ def _agree(mm, config, **kw):
                    grad_ckpt="none", attn="sdpa"), **kw)
     est = memory.estimate(config, device="cpu", **kw)
     meas = mm.measure(config, device="cpu", **kw)
+    known_gap = config["model_type"] == "gpt2" and kw["method"] == "qlora" and kw.get("precision") != "pure"
     for row in STATE_ROWS + SAVED_ROWS:
         e, m = est.rows.get(row, 0), meas["rows"].get(row, 0)
-        tol = 0.02 if row in STATE_ROWS else 0.10
-        assert abs(e - m) <= tol * max(m, 1), f"{row}: estimated {e} vs measured {m} ({kw})"
+        tol = 0.001 if (known_gap and row == "activations_bytes") else 0.0
+        assert abs(e - m) <= tol * m, f"{row}: estimated {e} vs measured {m} ({kw})"
     assert est.n_trainable == meas["n_trainable"]
     return est, meas
 
@@ -444,6 +446,59 @@ def test_gradients_freed_between_steps_with_one_micro_batch():
     assert one.details["grads_at_peak_bytes"] == 151936 * 1024 * 4
     with pytest.raises(UsageError, match="grad_accum"):
         memory.estimate(cfg, grad_accum=0)
+
+
+def test_total_bytes_by_hand():
+    """LLAMA above: N = 102,720 parameters (embeddings 320 x 64 = 20,480, per layer q 4,096 + k 2,048 + v 2,048 +
+    o 4,096 + gate/up/down 3 x 6,144 + two norms 128 = 30,848, x 2 layers; final norm 64; untied head 20,480).
+    fp32 AdamW on 2 processes with DDP, 4 micro-batches of 1 x 4 tokens (so gradients live throughout):
+    weights 4N, gradients 4N, moments 8N (+ a 4-byte step count per tensor on the CPU: 21 tensors), DDP's
+    buckets another 4N. A few tokens' activations are smaller than the optimizer step's temporaries (the largest
+    tensor on the CPU, 4 x 20,480; every gradient's size on CUDA, foreach), so the peak is the optimizer step.
+    On CUDA the context (512 MiB) and 5 % allocator margin come on top."""
+    N = 320 * 64 + 2 * (4096 + 2048 + 2048 + 4096 + 3 * 6144 + 128) + 64 + 320 * 64
+    assert N == memory.count_params(LLAMA) == 102_720
+    kw = dict(stage="pretrain", method="full", dtype="fp32", batch_size=1, seq_len=4, gpus=2, grad_accum=4)
+    cpu = memory.estimate(LLAMA, device="cpu", **kw)
+    assert cpu.peak_phase == "optimizer step"
+    assert cpu["ddp_buckets_bytes"] == 4 * N and cpu["optimizer_step_bytes"] == 4 * 20_480
+    assert cpu.total_bytes == 4 * N + 4 * N + (8 * N + 4 * 21) + 4 * N + 4 * 20_480 == 2_136_404
+    cuda = memory.estimate(LLAMA, device="cuda", **kw)
+    before_overhead = 4 * N + 4 * N + 8 * N + 4 * N + 4 * N
+    assert cuda["overhead_bytes"] == 512 * 2**20 + int(0.05 * before_overhead)
+    assert cuda.total_bytes == before_overhead + 512 * 2**20 + int(0.05 * before_overhead) == 539_459_456
+
+
+def test_qlora_compute_dtype_is_the_loaders():
+    """The estimator's dtype table and the loader agree that 4-bit layers compute in bf16 (2 bytes)."""
+    torch = pytest.importorskip("torch")
+    from lifecycle.memory_arch import dtypes_for
+    from lifecycle.modeling import quantization_config
+
+    assert quantization_config().bnb_4bit_compute_dtype == torch.bfloat16
+    for stage in ("sft", "reward", "ppo"):
+        assert dtypes_for("mixed", "autocast", 2, "qlora", True, stage)["qcompute"] == 2
+        assert dtypes_for("fp32", "autocast", 4, "qlora", True, stage)["qcompute"] == 2
+
+
+def test_lora_under_bf16_loads_the_frozen_base_in_16_bits(tmp_path):
+    """Issue 18's second bug: `llm sft --lora` under bf16 kept the frozen base in fp32, twice the estimate.
+    The loader now stores it in bf16, adapters in fp32, and the estimate's params_bytes is what is loaded."""
+    torch = pytest.importorskip("torch")
+    from lifecycle.config import SFTConfig
+    from lifecycle.modeling import CAUSAL_HEAD, build_model, load_for_training, model_config
+
+    torch.manual_seed(0)
+    conf = model_config("llama-micro", 300, 1, 2)
+    build_model(conf).save_pretrained(tmp_path, safe_serialization=True)
+    model = load_for_training(str(tmp_path), SFTConfig(lora=True, mixed_precision="bf16"), head=CAUSAL_HEAD)
+    frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
+    adapters = {p.dtype for p in model.parameters() if p.requires_grad}
+    assert frozen == {torch.bfloat16} and adapters == {torch.float32}
+    loaded = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
+    est = memory.estimate(conf.to_dict(), stage="sft", method="lora", lora_r=8, dtype="bf16", batch_size=1, seq_len=8,
+                          device="cpu")
+    assert est["params_bytes"] == loaded == 2 * memory.count_params(conf.to_dict())
 
 
 def test_measure_builds_through_the_stage_loader(mm, monkeypatch):
