@@ -188,6 +188,10 @@ class Estimate:
         lines.append(f"{'total_bytes':<{w}}{fmt_bytes(self.total_bytes):>12}  peak ({self.peak_phase})")
         for r in self.roles:
             lines.append(f"  {r['role']:<10} {'trains' if r['trains'] else 'frozen':<7} {fmt_bytes(r['bytes']):>10}  {r['what']}")
+        if "rollout_kv_cache_bytes" in self.details:
+            d = self.details
+            lines.append(f"rollout: KV cache {fmt_bytes(d['rollout_kv_cache_bytes'])} for {d['rollout_batch_size']} sequences "
+                         f"sampled at once; {fmt_bytes(d['rollout_total_bytes'])} with the weights and states above")
         if self.device_bytes:
             verdict = "fits" if self.fits else "does NOT fit"
             lines.append("")
@@ -354,6 +358,7 @@ def estimate(
     grad_accum: int | None = None,
     gpu_memory: int | None = None,
     name: str = "model",
+    rollout_batch_size: int | None = None,
 ) -> Estimate:
     """Predict per-GPU memory of one training step (or inference) of `config`.
 
@@ -363,6 +368,8 @@ def estimate(
     (bytes) adds a verdict and the largest micro-batch that fits. `grad_accum`: micro-batches
     per optimizer step; 1 frees the gradients between steps (zero_grad(set_to_none=True)),
     so the forward holds none; None (unknown) or > 1 counts them through the whole step.
+    `rollout_batch_size` (ppo, grpo): sequences sampled at once, whose KV cache the rollout holds
+    (PPO's `rollout_micro_batch_size`, else its rollout batch per process); None: `batch_size`.
     """
     validate(stage, method, dtype, precision, optimizer, grad_ckpt, attn, zero, gpus, batch_size, seq_len, lora_r,
               device, mp_style)
@@ -374,7 +381,7 @@ def estimate(
     kw = dict(stage=stage, method=method, lora_r=lora_r, dtype=dtype, precision=precision, optimizer=optimizer,
               seq_len=seq_len, grad_ckpt=grad_ckpt, attn=attn, zero=zero, gpus=gpus, device=device, mp_style=mp_style,
               lora_dropout=lora_dropout, lora_targets=tuple(lora_targets) if lora_targets else None, dropout=dropout,
-              grad_accum=grad_accum, name=name)
+              grad_accum=grad_accum, name=name, rollout_batch_size=rollout_batch_size)
     if sh.arch == "gpt2" and seq_len > sh.max_positions:
         raise UsageError(f"--seq-len {seq_len} exceeds the model's n_positions={sh.max_positions} (GPT-2 has learned "
                          f"positions); pass --seq-len {sh.max_positions} or less")
@@ -408,7 +415,7 @@ def _max_batch(sh: Shape, kw: dict, limit: int) -> int:
 def _estimate(sh: Shape, *, stage: str, method: str, lora_r: int, dtype: str, precision: str | None, optimizer: str,
               batch_size: int, seq_len: int, grad_ckpt: str, attn: str, zero: int, gpus: int, device: str,
               mp_style: str | None, lora_dropout: float, lora_targets: tuple | None, dropout: bool, name: str,
-              grad_accum: int | None = None) -> Estimate:
+              grad_accum: int | None = None, rollout_batch_size: int | None = None) -> Estimate:
     regime, style = regime_of(dtype, precision, zero, mp_style)
     half = DTYPES[dtype] if regime != "fp32" else 4
     roles_all = LORA_ROLES.get(sh.arch, ("linear",))
@@ -479,7 +486,9 @@ def _estimate(sh: Shape, *, stage: str, method: str, lora_r: int, dtype: str, pr
         if stage in ("ppo", "grpo"):  # both sample their responses with a KV cache
             details["activations_from"] = role
             kdt = 4 if regime == "fp32" else half
-            details["rollout_kv_cache_bytes"] = 2 * sh.layers * sh.kv_heads * sh.head_dim * seq_len * batch_size * kdt
+            rb = rollout_batch_size or batch_size
+            details["rollout_batch_size"] = rb
+            details["rollout_kv_cache_bytes"] = 2 * sh.layers * sh.kv_heads * sh.head_dim * seq_len * rb * kdt
         rows = dict(states)
         rows["weight_copies_bytes"] = a["weight_copies_bytes"]
         rows["activations_bytes"] = a["activations_bytes"]

@@ -10,10 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-import torch
-from transformers import AutoConfig
 
-from lifecycle import memory
 from lifecycle.artifacts import CAUSAL_LM, REWARD_MODEL, Artifact, check_artifact
 from lifecycle.config import PPOConfig
 from lifecycle.data.prompts import Prompts, as_user_turns, load_prompts
@@ -102,7 +99,7 @@ def explain(cfg: PPOConfig) -> str:
         *([f"  learning rate     {cfg.lr_scheduler}" + (f" after {cfg.warmup_steps} warmup iterations" if cfg.warmup_steps else "")]
           if cfg.lr_scheduler != "constant" or cfg.warmup_steps else []),
         "",
-        _estimate_table(inputs, cfg, micro, seq, W),
+        _estimate_table(inputs, cfg, micro, seq, W, B),
     ])
     if os.environ.get("RANK", "0") == "0":
         print(text)
@@ -110,14 +107,19 @@ def explain(cfg: PPOConfig) -> str:
 
 
 
-def _estimate_table(inputs: PPOInputs, cfg: PPOConfig, micro: int, seq: int, W: int) -> str:
-    """The four roles' memory estimate for --explain; one line when the estimator cannot model the architecture."""
-    try:
-        return memory.estimate(AutoConfig.from_pretrained(inputs.policy.path).to_dict(), stage="ppo",
-                               method="qlora" if cfg.qlora else ("lora" if cfg.lora else "full"), batch_size=micro,
-                               seq_len=seq, gpus=W, lora_r=cfg.lora_r,
-                               device="cuda" if torch.cuda.is_available() else "cpu",
-                               dtype={"bf16": "bf16", "fp16": "fp16"}.get(cfg.mixed_precision, "fp32"),
-                               **({"grad_ckpt": "full"} if cfg.gradient_checkpointing else {})).table()
-    except memory.CannotEstimate as e:
-        return f"memory estimate: not available ({e})"
+def _estimate_table(inputs: PPOInputs, cfg: PPOConfig, micro: int, seq: int, W: int, B: int) -> str:
+    """The four roles' memory estimate for --explain, by the same call the run makes before loading (so the two
+    cannot disagree); one line when the estimator cannot model the architecture."""
+    from lifecycle import training
+
+    said: list[str] = []
+    est = training.check_memory(cfg, inputs.policy, "ppo", batch_size=micro, seq_len=seq, gpus=W, force=True,
+                                echo=said.append, rollout_batch_size=rollout_batch(cfg, B))
+    if est is None:
+        return said[0] if said else "memory estimate: not available (a hub model id: its config is not read offline)"
+    return est.table()
+
+
+def rollout_batch(cfg: PPOConfig, B: int) -> int:
+    """Sequences sampled at once per process: the rollout's chunk (`rollout_micro_batch_size`), else its whole batch."""
+    return min(B, cfg.rollout_micro_batch_size or B)

@@ -84,7 +84,7 @@ def project_config(out: str | Path):
 
 
 def check_memory(cfg: Any, model: Any, stage: str, *, batch_size: int | None = None, seq_len: int | None = None,
-                 gpus: int = 1, echo=None, device_bytes: int | None = None, force: bool | None = None):
+                 gpus: int = 1, echo=None, device_bytes: int | None = None, force: bool | None = None, **estimate_kw: Any):
     """The memory estimator's verdict for a stage config: refuse (unless --force) a run that will not fit the GPU.
 
     `model` is a model config (a config.json's content as a dict) or an input
@@ -93,7 +93,8 @@ def check_memory(cfg: Any, model: Any, stage: str, *, batch_size: int | None = N
     given. Returns the estimate, or None where there is nothing to estimate (a hub
     id, or an architecture the estimator cannot model: it says so in one line).
     `device_bytes` stands for the GPU's memory (default: ask the device), `force`
-    for the config's --force (a sweep asks without forcing).
+    for the config's --force (a sweep asks without forcing). Other keywords go to `memory.estimate`
+    (PPO's `rollout_batch_size`).
     """
     from lifecycle import memory
 
@@ -107,7 +108,7 @@ def check_memory(cfg: Any, model: Any, stage: str, *, batch_size: int | None = N
         method = "lora"
     else:
         method = "full"
-    kw: dict[str, Any] = {"dtype": {"bf16": "bf16", "fp16": "fp16"}.get(cfg.mixed_precision, "fp32")}
+    kw: dict[str, Any] = {"dtype": {"bf16": "bf16", "fp16": "fp16"}.get(cfg.mixed_precision, "fp32"), **estimate_kw}
     if hasattr(cfg, "lora_r"):
         kw["lora_r"] = cfg.lora_r
     if getattr(cfg, "gradient_checkpointing", False):

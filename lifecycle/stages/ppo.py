@@ -44,7 +44,7 @@ from lifecycle.data import world
 from lifecycle.errors import Interrupted, UsageError
 from lifecycle.generate import Sample, stop_ids
 from lifecycle.ppo_plan import explain  # noqa: F401  (`llm ppo --explain` calls the stage's explain)
-from lifecycle.ppo_plan import PPOInputs, batch_shape, check_inputs, longest_sequence, rendered_prompts
+from lifecycle.ppo_plan import PPOInputs, batch_shape, check_inputs, longest_sequence, rendered_prompts, rollout_batch
 from lifecycle.rl import Rollout
 from lifecycle.roles import Roles, SharedRoles, load_roles, write_digest
 from lifecycle.tokenizer import load_tokenizer
@@ -383,7 +383,8 @@ def run(cfg: PPOConfig, *, reward_fn: RewardFn | None = None) -> Path:
     tok = load_tokenizer(inputs.policy.path)
     raw_train, raw_eval, train_prompts, eval_prompts = rendered_prompts(cfg, tok, inputs.prompts)
     est = training.check_memory(cfg, inputs.policy, "ppo", batch_size=micro, gpus=W,
-                                seq_len=longest_sequence(cfg, tok, train_prompts + eval_prompts))
+                                seq_len=longest_sequence(cfg, tok, train_prompts + eval_prompts),
+                                rollout_batch_size=rollout_batch(cfg, B))
     if est is not None:
         say(f"memory estimate: {est.total_bytes / 2**20:,.1f} MiB per process at its peak ({est.peak_phase}); "
             f"--explain shows the rows")
