@@ -135,8 +135,14 @@ def test_tiny_pretrain_writes_a_standard_artifact(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(out)
     tok = AutoTokenizer.from_pretrained(out)
     assert model.config.vocab_size == len(tok)
-    text = pipeline("text-generation", model=model, tokenizer=tok)("12 plus 30 equals", max_new_tokens=4, do_sample=False)
-    assert text[0]["generated_text"].startswith("12 plus 30 equals")
+    from lifecycle.generate import generate_batch
+
+    stock = pipeline("text-generation", model=model, tokenizer=tok)("12 plus 30 equals", max_new_tokens=4, do_sample=False,
+                                                                    return_tensors=True)[0]["generated_token_ids"]
+    prompt_ids = tok("12 plus 30 equals", add_special_tokens=False)["input_ids"]
+    assert list(stock[: len(prompt_ids)]) == prompt_ids
+    ours = generate_batch(model, tok, ["12 plus 30 equals"], max_new_tokens=4)[0]
+    assert len(ours.token_ids) >= 1 and list(stock[len(prompt_ids):]) == ours.token_ids  # stock greedy == ours
     assert tok.chat_template and "<|assistant|>" in tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
     _assert_tokenizer_readable_by_transformers_4(out)
 
