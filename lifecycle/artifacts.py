@@ -5,14 +5,18 @@ model.safetensors, tokenizer files, generation_config.json) plus
 `lifecycle.json`, the manifest:
 
     {"stage", "kind", "parent": {"path", "digest", "stage"} | null, "config",
-     "metrics", "created", "versions", "seed", "files": {name: bytes}}
+     "metrics", "created", "versions", "seed", "files": {name: bytes},
+     "checksums": {name: sha256}}
 
 Writing is crash-safe: files are saved into a staging directory, the old
 manifest is removed, each file is moved into place with an atomic rename, and
 the manifest is written last (also by rename). A directory is a valid artifact
 only when its manifest exists and every file it lists has the recorded size,
 so a run killed mid-write leaves a directory that is refused, never one that
-is read half-written.
+is read half-written. While files move in, OUT/.publishing marks the directory
+as ours and unfinished, so even without a manifest it is never taken for a
+foreign model directory. The next stage checks sizes always and the sha256 of
+every file with --verify (`check_artifact(..., verify=True)`).
 
 No torch import at module top.
 """
@@ -37,9 +41,15 @@ from lifecycle.errors import UsageError
 MANIFEST = "lifecycle.json"
 CAUSAL_LM = "causal-lm"
 REWARD_MODEL = "reward-model"
-STAGE_KIND = {"pretrain": CAUSAL_LM, "sft": CAUSAL_LM, "ppo": CAUSAL_LM, "reward": REWARD_MODEL}
+STAGE_KIND = {"pretrain": CAUSAL_LM, "sft": CAUSAL_LM, "ppo": CAUSAL_LM, "reward": REWARD_MODEL,
+              "dpo": CAUSAL_LM, "grpo": CAUSAL_LM}
+PUBLISHING = ".publishing"  # present while `publish` moves files in; removed once the manifest is written
 # The command that creates each kind, for error messages.
 MAKES = {CAUSAL_LM: "llm pretrain --out DIR (or llm sft)", REWARD_MODEL: "llm reward --base DIR --out DIR"}
+# What each input flag takes, whatever kind a caller probes it for (so a missing --policy is never
+# suggested to be made with `llm reward` while a caller checks whether the two were swapped).
+FLAG_KIND = {"--base": CAUSAL_LM, "--policy": CAUSAL_LM, "--model": CAUSAL_LM, "--init-from": CAUSAL_LM,
+             "--reward": REWARD_MODEL}
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "adapter_model.safetensors")
 
 
@@ -97,21 +107,56 @@ def versions() -> dict[str, str]:
 # ---------------------------------------------------------------------------
 # Reading and checking
 # ---------------------------------------------------------------------------
-def read_manifest(path: str | Path) -> dict | None:
+def read_manifest(path: str | Path, *, strict: bool = False) -> dict | None:
+    """The manifest of an artifact directory, None if it has none; UsageError if it is not a JSON object,
+    or (`strict`, as for an input artifact) lacks what a stage reads: a stage, a files table of sizes."""
     p = Path(path) / MANIFEST
     if not p.is_file():
         return None
     try:
-        return json.loads(p.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        m = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         raise UsageError(f"{p} is corrupted (not valid JSON); re-run the stage that wrote {path}") from None
+    why = manifest_problem(m) if strict or not isinstance(m, dict) else None
+    if why:
+        raise UsageError(f"{p} is malformed ({why}); re-run the stage that wrote {path}")
+    return m
+
+
+def manifest_problem(m: Any) -> str | None:
+    """What makes a parsed lifecycle.json unusable, or None: the fields the stages and `llm run` read."""
+    if not isinstance(m, dict):
+        return f"a JSON {type(m).__name__}, not an object"
+    if not isinstance(m.get("stage"), str) or not m["stage"]:
+        return "no stage"
+    files = m.get("files")
+    if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)
+                                              for k, v in files.items()):
+        return "files is not a mapping of file name to size"
+    if any(Path(k).is_absolute() or ".." in Path(k).parts for k in files):
+        return "files names a path outside the directory"
+    for key in ("config", "metrics", "checksums"):
+        if m.get(key) is not None and not isinstance(m[key], dict):
+            return f"{key} is not a mapping"
+    if m.get("kind") is not None and m["kind"] not in (CAUSAL_LM, REWARD_MODEL):
+        return f"kind {m['kind']!r} is neither {CAUSAL_LM} nor {REWARD_MODEL}"
+    return None
+
+
+def verify_checksums(path: str | Path, manifest: dict) -> str | None:
+    """The first file whose sha256 differs from the manifest's record, as a reason; None when all agree."""
+    for name, digest in sorted((manifest.get("checksums") or {}).items()):
+        f = Path(path) / name
+        if not f.is_file() or file_digest(f) != digest:
+            return f"{name}'s content does not match its checksum in {MANIFEST} (changed or corrupted)"
+    return None
 
 
 def is_complete(path: str | Path) -> bool:
     """True when path holds a finished artifact: manifest present and every listed file at its recorded size."""
     path = Path(path)
     try:
-        m = read_manifest(path)
+        m = read_manifest(path, strict=True)
     except UsageError:
         return False
     if not m:
@@ -128,7 +173,12 @@ def _kind_from_config(path: Path) -> str | None:
         cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         return None
+    if not isinstance(cfg, dict):
+        return None
     archs = cfg.get("architectures") or []
+    if not isinstance(archs, list):
+        return None
+    archs = [a for a in archs if isinstance(a, str)]
     if any(a.endswith("ForSequenceClassification") for a in archs):
         return REWARD_MODEL
     if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
@@ -173,6 +223,43 @@ def check_safetensors(path: Path) -> str | None:
     return None
 
 
+def _header(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            h = json.loads(f.read(n).decode("utf-8"))
+        return h if isinstance(h, dict) else {}
+    except (OSError, ValueError, UnicodeDecodeError):
+        return {}
+
+
+EMBEDDINGS = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight")
+
+
+def config_mismatch(path: Path) -> str | None:
+    """Whether config.json describes the weights beside it: the vocabulary against the embedding's rows.
+
+    transformers would otherwise stop with a shape-mismatch traceback, or (a smaller
+    vocabulary in the weights of a resized model) index past the embedding later.
+    """
+    try:
+        conf = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return "config.json is not valid JSON"
+    if not isinstance(conf, dict):
+        return "config.json is not a JSON object"
+    conf = conf.get("text_config") if isinstance(conf.get("text_config"), dict) else conf
+    vocab = conf.get("vocab_size")
+    for w in sorted(path.glob("*.safetensors")):
+        for name, t in _header(w).items():
+            if name.endswith(EMBEDDINGS) and isinstance(t, dict) and isinstance(t.get("shape"), list) and t["shape"]:
+                if isinstance(vocab, int) and t["shape"][0] != vocab:
+                    return (f"config.json says vocab_size={vocab} but {w.name}'s {name} has {t['shape'][0]} rows "
+                            f"(the config belongs to another model)")
+                return None
+    return None
+
+
 @dataclass(frozen=True)
 class Artifact:
     """A checked input artifact: what one stage hands the next."""
@@ -187,23 +274,27 @@ class Artifact:
         return (self.manifest or {}).get("stage")
 
 
-def check_artifact(path: str, expect: str, flag: str) -> Artifact:
+def check_artifact(path: str, expect: str, flag: str, *, verify: bool = False) -> Artifact:
     """Check that `path` is a usable artifact of kind `expect` before loading any weights.
 
     Raises UsageError naming what was found, what was expected, and the command
-    that makes it.
+    that makes it. With `verify`, every file's sha256 is compared with the manifest's.
     """
     if looks_like_hub_id(path):
         return Artifact(path=path, kind=expect, manifest=None, hub=True)
     p = Path(path).expanduser()
     if not p.exists():
-        raise UsageError(f"{flag} {path} does not exist; create it with `{MAKES[expect]}` or pass a Hugging Face model id")
+        makes = MAKES[FLAG_KIND.get(flag, expect)]
+        raise UsageError(f"{flag} {path} does not exist; create it with `{makes}` or pass a Hugging Face model id")
     if not p.is_dir():
         raise UsageError(f"{flag} {path} is a file, not a model directory; pass the directory written by `{MAKES[expect]}`")
     present = sorted(os.listdir(p))
     manifest = None
+    if not (p / MANIFEST).exists() and ((p / PUBLISHING).exists() or any(n.startswith(".staging-") for n in present)):
+        raise UsageError(f"{flag} {path} is unfinished: the run writing it stopped before its {MANIFEST} was written; "
+                         f"re-run (or --resume) the stage that writes it")
     if (p / MANIFEST).exists():
-        manifest = read_manifest(p)
+        manifest = read_manifest(p, strict=True)
         if not is_complete(p):
             raise UsageError(
                 f"{flag} {path} is incomplete or corrupted (a file listed in {MANIFEST} is missing or has the wrong size); "
@@ -219,7 +310,12 @@ def check_artifact(path: str, expect: str, flag: str) -> Artifact:
             f"{flag} {path} has no weights (expected model.safetensors; found: {', '.join(present[:8])}); "
             f"re-run `{MAKES[expect]}`"
         )
-    kind = (manifest or {}).get("kind") or _kind_from_config(p)
+    from_config = _kind_from_config(p)
+    recorded = (manifest or {}).get("kind")
+    if recorded and from_config and recorded != from_config:
+        raise UsageError(f"{flag} {path}: its {MANIFEST} says {recorded} but config.json describes a {from_config}; "
+                         f"one of them was edited: re-run the stage that wrote it")
+    kind = recorded or from_config
     if kind != expect:
         stage = (manifest or {}).get("stage")
         found = f"a {kind} artifact" + (f" from `llm {stage}`" if stage else "") if kind else "a model of unknown kind"
@@ -228,6 +324,16 @@ def check_artifact(path: str, expect: str, flag: str) -> Artifact:
         why = check_safetensors(w)
         if why:
             raise UsageError(f"{flag} {path}: {w.name} cannot be read: {why}; re-run the stage that wrote it")
+    why = config_mismatch(p)
+    if why:
+        raise UsageError(f"{flag} {path}: {why}; put back the config.json written with these weights")
+    if verify and manifest is not None:
+        if not manifest.get("checksums"):
+            raise UsageError(f"{flag} {path}: --verify asked, but its {MANIFEST} records no checksums (written by an "
+                             f"older version); drop --verify or re-run the stage that wrote it")
+        why = verify_checksums(p, manifest)
+        if why:
+            raise UsageError(f"{flag} {path}: {why}; re-run the stage that wrote it")
     return Artifact(path=str(p), kind=kind, manifest=manifest)
 
 
@@ -294,6 +400,7 @@ def publish(
     leaves a directory that `is_complete` rejects.
     """
     out, staging = Path(out), Path(staging)
+    atomic_write_text(out / PUBLISHING, str(os.getpid()))
     old = out / MANIFEST
     if old.exists():
         old.unlink()
@@ -321,10 +428,12 @@ def publish(
         "seed": seed,
         "command": " ".join(sys.argv),
         "files": files,
+        "checksums": {name: file_digest(out / name) for name in files},
     }
     if extra:
         manifest.update(extra)
     atomic_write_json(out / MANIFEST, manifest)
+    (out / PUBLISHING).unlink()
     return out
 
 

@@ -9,14 +9,19 @@ Every stage keeps its checkpoints in OUT/checkpoints/. Two writers put them ther
   checkpoint-200/      the transformers Trainer (sft, reward, through TRL): its files
                        plus trainer_state.json, which it writes last, in place
 
-A checkpoint is complete when its marker (state.json, trainer_state.json) parses as
-JSON; anything else (a temporary directory, a directory a kill cut short) is not a
-checkpoint. Discovery knows both names, so `llm run` and `--resume` find the newest
-complete checkpoint of any stage.
+A checkpoint is complete when its marker parses as JSON: state.json for ours; for the
+Trainer's, fingerprint.json, which our callback writes (fsynced, after fsyncing every
+file the Trainer wrote) once the Trainer's save returns. A Trainer checkpoint without
+our marker counts as complete by its own last file (trainer_state.json) only where no
+sibling carries the marker (a directory written without our callback); beside marked
+siblings it was cut short. Anything else (a temporary directory, a directory a kill
+cut short) is not a checkpoint. Discovery knows both names, so `llm run` and
+`--resume` find the newest complete checkpoint of any stage, and a resume falls back
+past a damaged newer one with a warning.
 
-A checkpoint records the recipe it was written under (its fingerprint: the resolved
-config without the options that may change between a run and its resume, such as
-log_every or save_every). Resuming under a different recipe would silently train
+A checkpoint records the recipe it was written under (its fingerprint: the stage and
+the resolved config, seed included, without the options that may change between a
+run and its resume, such as log_every or save_every). Resuming under a different recipe would silently train
 something neither run asked for, so it is refused with the options that differ.
 
 This module imports no torch at module level.
@@ -45,6 +50,7 @@ MAY_CHANGE = {
     "eval_every", "eval_batches", "eval_batch_size", "sample_prompt", "compile", "explain", "debug_digest",
     "strict", "stop_on_collapse",
     "max_steps",  # training longer (or shorter) than first planned is still the same run
+    "overwrite", "verify",
 }
 MAY_CHANGE_PREFIXES = ("watch_", "gate_")
 
@@ -69,16 +75,31 @@ def _marker(ck: Path) -> Path:
     return ck / next(m for p, m in MARKERS.items() if ck.name.startswith(p))
 
 
-def is_complete_checkpoint(ck: str | Path) -> bool:
-    """Its writer got to the end: the marker file exists and parses as JSON."""
-    ck = Path(ck)
-    if not ck.is_dir() or checkpoint_step(ck) is None:
-        return False
+def _parses(path: Path) -> bool:
     try:
-        json.loads(_marker(ck).read_text(encoding="utf-8"))
+        json.loads(path.read_text(encoding="utf-8"))
         return True
     except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         return False
+
+
+def _marked_siblings(ck: Path) -> bool:
+    """Whether any Trainer checkpoint beside `ck` carries our marker (then every one of them should)."""
+    return any((d / FINGERPRINT).exists() for d in ck.parent.glob("checkpoint-*") if d != ck)
+
+
+def is_complete_checkpoint(ck: str | Path) -> bool:
+    """Its writer got to the end: the marker file exists and parses as JSON (see the module docstring)."""
+    ck = Path(ck)
+    if not ck.is_dir() or checkpoint_step(ck) is None:
+        return False
+    if not _parses(_marker(ck)):
+        return False
+    if ck.name.startswith("checkpoint-"):
+        if (ck / FINGERPRINT).exists():
+            return _parses(ck / FINGERPRINT)
+        return not _marked_siblings(ck)
+    return True
 
 
 def _named(out: str | Path, prefix: str | None = None) -> list[Path]:
@@ -101,11 +122,27 @@ def latest_checkpoint(out: str | Path) -> Path | None:
     return cks[-1] if cks else None
 
 
-def require_checkpoint(out: str | Path) -> Path:
-    """The checkpoint `--resume` continues from; UsageError if there is none."""
+def incomplete_checkpoints(out: str | Path) -> list[Path]:
+    """Step directories a kill cut short (no parseable marker), oldest first."""
+    return [d for d in _named(out) if not is_complete_checkpoint(d)]
+
+
+def require_checkpoint(out: str | Path, warn=None) -> Path:
+    """The checkpoint `--resume` continues from; UsageError if there is none.
+
+    A damaged checkpoint newer than it is named through `warn` (a print function),
+    so the fall-back is never silent.
+    """
     ck = latest_checkpoint(out)
     if ck is None:
-        raise UsageError(f"--resume given but no checkpoint under {checkpoint_root(out)}; drop --resume to start a new run")
+        broken = incomplete_checkpoints(out)
+        extra = f" (only {', '.join(d.name for d in broken)}, cut short by a kill)" if broken else ""
+        raise UsageError(f"--resume given but no checkpoint under {checkpoint_root(out)}{extra}; "
+                         f"drop --resume to start a new run")
+    newer = [d for d in incomplete_checkpoints(out) if checkpoint_step(d) > checkpoint_step(ck)]
+    if newer and warn is not None:
+        warn(f"warning: {', '.join(d.name for d in newer)} under {checkpoint_root(out)} "
+             f"{'is' if len(newer) == 1 else 'are'} incomplete (a run was stopped while writing); resuming from {ck.name}")
     return ck
 
 
@@ -127,12 +164,21 @@ def discard_incomplete(out: str | Path) -> list[Path]:
 # ---------------------------------------------------------------------------
 # Fingerprint: the recipe a checkpoint belongs to
 # ---------------------------------------------------------------------------
+def stage_of(cfg: Any) -> str | None:
+    """The stage a config belongs to (`sft` for an SFTConfig), None for a config of no stage."""
+    from lifecycle.config import STAGE_CONFIGS
+
+    return next((name for name, cls in STAGE_CONFIGS.items() if type(cfg) is cls), None)
+
+
 def fingerprint(cfg: Any) -> dict:
-    """The options of a stage config that decide what is trained (everything but MAY_CHANGE)."""
+    """The options of a stage config that decide what is trained (everything but MAY_CHANGE), and its stage."""
     from lifecycle.config import to_dict
 
-    return {k: v for k, v in sorted(to_dict(cfg).items())
-            if k not in MAY_CHANGE and not k.startswith(MAY_CHANGE_PREFIXES)}
+    found = {k: v for k, v in sorted(to_dict(cfg).items())
+             if k not in MAY_CHANGE and not k.startswith(MAY_CHANGE_PREFIXES)}
+    stage = stage_of(cfg)
+    return {"stage": stage, **found} if stage else found
 
 
 def recorded_fingerprint(ck: str | Path) -> dict | None:
@@ -143,8 +189,10 @@ def recorded_fingerprint(ck: str | Path) -> dict | None:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError, UnicodeDecodeError):
             continue
+        if not isinstance(data, dict):
+            continue
         found = data.get(key) if key else data
-        if isinstance(found, dict):
+        if isinstance(found, dict) and found:
             return found
     return None
 
@@ -158,6 +206,11 @@ def check_fingerprint(ck: str | Path, cfg: Any, fix: str = RESUME_FIX) -> None:
     if old is None:
         return
     new = json.loads(json.dumps(fingerprint(cfg)))  # as it would read back from JSON (tuples -> lists)
+    if "stage" in old and old["stage"] != new.get("stage"):
+        raise UsageError(f"cannot resume from {ck}: it is a checkpoint of `llm {old['stage']}`, and this is "
+                         f"`llm {new.get('stage')}`; pick another --out, or drop --resume and add --overwrite to replace it")
+    if "stage" not in old:  # written before checkpoints recorded their stage
+        new.pop("stage", None)
     diff = [k for k in sorted(set(old) | set(new)) if old.get(k, "<unset>") != new.get(k, "<unset>")]
     if diff:
         shown = ", ".join(f"{k}={old.get(k, '<unset>')!r} (now {new.get(k, '<unset>')!r})" for k in diff[:6])
@@ -167,9 +220,40 @@ def check_fingerprint(ck: str | Path, cfg: Any, fix: str = RESUME_FIX) -> None:
         )
 
 
+def check_resume_step(ck: str | Path, total: int) -> None:
+    """Refuse a resume whose checkpoint is already past the steps this run is to train."""
+    step = checkpoint_step(ck)
+    if step is not None and step > total:
+        raise UsageError(f"cannot resume from {ck}: it is at step {step}, past this run's {total} steps; "
+                         f"give --max-steps {step} or more (or drop --resume and add --overwrite to start again)")
+
+
+def resume_checkpoint(cfg: Any, warn=None) -> Path:
+    """The checkpoint `--resume` continues from, checked: it exists (falling back past a damaged newer one,
+    named through `warn`), it was written by this stage under this recipe, and it is not past the run's end."""
+    ck = require_checkpoint(cfg.out, warn)
+    check_fingerprint(ck, cfg)
+    check_resume_step(ck, cfg.total_steps)
+    return ck
+
+
 def write_fingerprint(ck: str | Path, cfg: Any) -> None:
-    """Record the recipe in a checkpoint whose writer keeps no state of ours (the Trainer's)."""
-    atomic_write_json(Path(ck) / FINGERPRINT, fingerprint(cfg))
+    """Mark a Trainer checkpoint complete, recording its recipe: every file the Trainer wrote is fsynced
+    first, then the marker (itself fsynced) is written, so a checkpoint with the marker survives a crash."""
+    ck = Path(ck)
+    for f in sorted(ck.rglob("*")):
+        if f.is_file():
+            _fsync_file(f)
+    atomic_write_json(ck / FINGERPRINT, fingerprint(cfg) if cfg is not None else {})
+    _fsync_dir(ck)
+
+
+def prune(out: str | Path, prefix: str, keep: int) -> list[Path]:
+    """Delete all but the newest `keep` complete checkpoints of one writer (after the newest is marked)."""
+    old = list_checkpoints(out, prefix)[:-keep] if keep > 0 else []
+    for d in old:
+        shutil.rmtree(d, ignore_errors=True)
+    return old
 
 
 # ---------------------------------------------------------------------------
@@ -215,6 +299,14 @@ def load_checkpoint(accelerator, ck: Path) -> dict:
     """Restore model/optimizer/RNG from `ck` (safetensors + weights_only loads) and return our JSON state."""
     accelerator.load_state(str(ck))
     return json.loads((ck / STATE).read_text(encoding="utf-8"))
+
+
+def _fsync_file(path: Path) -> None:
+    try:
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+    except OSError:
+        pass
 
 
 def _fsync_dir(path: Path) -> None:

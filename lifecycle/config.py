@@ -30,6 +30,7 @@ This module imports no torch, so `llm --help` stays instant.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,7 +83,10 @@ class _Checked:
 
     def validate(self) -> list[str]:
         """Every problem with these options, one line each (empty when they are fine)."""
-        return []
+        # Every number must be finite: a NaN passes every range check (all comparisons are false) and
+        # would train a model of NaNs; infinity is never a sensible setting either.
+        return [f"{f.name}={getattr(self, f.name)}; must be a finite number" for f in dataclasses.fields(self)
+                if isinstance(getattr(self, f.name), float) and not math.isfinite(getattr(self, f.name))]
 
 
 def _at_least_one(cfg: Any, names: tuple[str, ...]) -> list[str]:
@@ -107,6 +111,8 @@ class TrainCommon(_Checked):
     report_to: str = opt("none", "none | tensorboard | wandb: also send metrics to this tracker.")
     log_every: int = opt(10, "Print a progress line every N optimizer steps.")
     force: bool = opt(False, "Run even if the memory estimate says the run does not fit the device.")
+    overwrite: bool = opt(False, "Start afresh in an --out that holds another run's checkpoints, replacing them (without it such a run is refused; --resume continues it).")
+    verify: bool = opt(False, "Check every input file's sha256 against its manifest before loading (sizes are always checked).")
 
     @property
     def total_steps(self) -> int:
@@ -128,6 +134,8 @@ class TrainCommon(_Checked):
             p.append(f"max_steps={self.max_steps}; must be positive (or -1 for the recipe's length)")
         if self.save_every < 0:
             p.append(f"save_every={self.save_every}; must be >= 0")
+        if not 0 <= self.seed < 2**32:
+            p.append(f"seed={self.seed}; must lie in [0, 2^32) (numpy's and torch's seed range)")
         return p
 
 
@@ -282,6 +290,13 @@ class PretrainConfig(TrainCommon):
             p.append(f"warmup_steps={self.warmup_steps}; must be >= 0")
         if not 0 < self.eval_fraction < 1:
             p.append(f"eval_fraction={self.eval_fraction}; expected a value in (0, 1)")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                p.append(f"{name}={getattr(self, name)}; expected a value in [0, 1)")
+        if self.weight_decay < 0:
+            p.append(f"weight_decay={self.weight_decay}; must be >= 0")
+        if self.grad_clip < 0:
+            p.append(f"grad_clip={self.grad_clip}; must be >= 0 (0 disables clipping)")
         if self.vocab_size < 300 and not self.tokenizer:
             p.append(f"vocab_size={self.vocab_size}; a byte-level BPE needs at least 300 (256 bytes + specials + merges)")
         return p

@@ -32,12 +32,100 @@ def check_resume(cfg: Any) -> bool:
     """
     if not cfg.resume:
         return False
-    ck = checkpoints.require_checkpoint(cfg.out)
+    ck = checkpoints.resume_checkpoint(cfg, warn=_say)
     if not ck.name.startswith("checkpoint-"):
         raise UsageError(f"--resume: {ck} was not written by this stage's trainer; pick another --out or drop --resume")
-    checkpoints.check_fingerprint(ck, cfg)
     checkpoints.discard_incomplete(cfg.out)
     return True
+
+
+def _say(*parts: Any) -> None:
+    from lifecycle.training import say
+
+    say(*parts)
+
+
+def train(trainer, cfg: Any, resuming: bool) -> None:
+    """`trainer.train`, keeping the promises of every stage (the Trainer's own loop keeps none of them):
+
+    - resume from the newest complete checkpoint (by path: the Trainer alone would take the highest number);
+      a checkpoint that does not fit the model or optimizer is refused in one line, not a traceback;
+    - Ctrl-C or SIGTERM: the step finishes, a checkpoint is saved and marked, then `Interrupted` (exit 130);
+    - a non-finite gradient stops the run before the optimizer applies it (`TrainingDiverged`, exit 3),
+      keeping the checkpoints written so far.
+    """
+    from lifecycle.errors import Interrupted
+    from lifecycle.training import GracefulStop
+
+    ck = checkpoints.latest_checkpoint(cfg.out) if resuming else None
+    watch = _guard_class()(Path(cfg.out), cfg.mixed_precision == "fp16")
+    trainer.add_callback(watch)
+    with GracefulStop() as stop:
+        watch.stop = stop
+        try:
+            trainer.train(resume_from_checkpoint=str(ck) if ck is not None else None)
+        except (RuntimeError, ValueError, KeyError, OSError) as e:
+            if ck is None or watch.started or (isinstance(e, OSError) and e.errno is not None):
+                raise
+            text = " ".join(str(e).split())[:240] or type(e).__name__
+            raise UsageError(f"cannot resume from {ck}: it does not fit this model and these options ({text}); "
+                             f"resume with the options it was written with, or drop --resume and add --overwrite "
+                             f"to start again") from None
+        if stop.requested and not watch.acted:
+            # The signal came after the last step's checks: save the final step before stopping.
+            trainer._save_checkpoint(trainer.model, None)
+            trainer.control = trainer.callback_handler.on_save(trainer.args, trainer.state, trainer.control)
+    if stop.requested:
+        saved = checkpoints.latest_checkpoint(cfg.out)
+        raise Interrupted(f"{stop.requested} at step {trainer.state.global_step}: checkpoint saved to {saved}; "
+                          f"continue with --resume")
+
+
+def _guard_class():
+    from transformers import TrainerCallback
+
+    class _Guard(TrainerCallback):
+        """Divergence guard and graceful stop for a Trainer (see `train`)."""
+
+        def __init__(self, out: Path, fp16: bool):
+            self.out, self.fp16 = out, fp16
+            self.stop = None
+            self.started = self.acted = False
+            self.bad = 0
+
+        def on_step_begin(self, args, state, control, **kw):
+            self.started = True  # the checkpoint (if any) has loaded
+
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kw):
+            import math
+
+            import torch
+
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            if not grads:
+                return
+            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float()).item()  # one sync per step
+            if math.isfinite(norm):
+                self.bad = 0
+                return
+            self.bad += 1
+            if self.fp16 and self.bad < 3:
+                return  # fp16's loss scaler skips an overflowing step by itself; only a run of them is divergence
+            from lifecycle.errors import TrainingDiverged
+
+            last = checkpoints.latest_checkpoint(self.out)
+            raise TrainingDiverged(
+                f"training diverged at step {state.global_step + 1}: gradient norm {norm} (the update was not "
+                f"applied); the last good checkpoint is {last or 'none (no checkpoint was written yet)'}; usual "
+                f"cures: lower lr, bf16 instead of fp16, grad_clip 1.0, more warmup_steps; then continue with --resume")
+
+        def on_step_end(self, args, state, control, **kw):
+            if self.stop is not None and self.stop.requested:
+                control.should_save = True
+                control.should_training_stop = True
+                self.acted = True
+
+    return _Guard
 
 
 def set_threads(cfg: Any) -> None:
@@ -173,8 +261,8 @@ def attach_progress(trainer, cfg: Any = None) -> None:
     for cb in trainer.callback_handler.callbacks:
         if type(cb).__name__ == "TensorBoardCallback" and getattr(cb, "tb_writer", None) is None:
             cb.logging_dir = str(tensorboard_dir(out) / stage)
-    if cfg is not None:
-        trainer.add_callback(_fingerprint_class()(cfg))
+    # The completion marker (with the recipe, when `cfg` is given) after every save of the Trainer.
+    trainer.add_callback(_fingerprint_class()(cfg))
     from lifecycle import sweep
 
     if sweep.active():  # `llm sweep` only: periodic held-out metrics go to the trial's pruner
@@ -185,7 +273,8 @@ def _fingerprint_class():
     from transformers import TrainerCallback
 
     class _Fingerprint(TrainerCallback):
-        """Writes the recipe into each checkpoint the Trainer has just saved (checked on resume)."""
+        """Marks each checkpoint the Trainer has just saved complete (fsynced), recording the recipe
+        (checked on resume): lifecycle/checkpoints.py's completion rule for the Trainer's checkpoints."""
 
         def __init__(self, cfg):
             self.cfg = cfg

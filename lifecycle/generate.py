@@ -172,18 +172,62 @@ def gold_accuracy(model, tokenizer, problems, *, max_new_tokens: int = 6, batch_
     }
 
 
+def check_context(info, prompt_tokens: int, max_new_tokens: int) -> None:
+    """The prompt and the tokens to generate must fit the model's context (its config's position count)."""
+    import json
+    from pathlib import Path
+
+    if info.hub:
+        return
+    try:
+        conf = json.loads((Path(info.path) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    conf = conf.get("text_config") if isinstance(conf.get("text_config"), dict) else conf
+    context = next((conf[k] for k in ("max_position_embeddings", "n_positions") if isinstance(conf.get(k), int)), None)
+    if context and prompt_tokens + max_new_tokens > context:
+        room = context - prompt_tokens
+        fix = f"lower --max-new-tokens to {room} or less" if room > 0 else "shorten the prompt"
+        raise UsageError(f"the prompt ({prompt_tokens} tokens) and --max-new-tokens {max_new_tokens} exceed the model's "
+                         f"context of {context} positions; {fix}")
+
+
+def load_checked(info):
+    """The model, refusing weights that do not belong to config.json's architecture (transformers would
+    initialise the missing tensors at random and sample from noise)."""
+    if info.hub:
+        return load_causal_lm(info.path)
+    from transformers import AutoModelForCausalLM
+
+    from lifecycle.modeling import CAUSAL_HEAD, _attention_for_path
+
+    model, loading = AutoModelForCausalLM.from_pretrained(
+        info.path, dtype=torch.float32, attn_implementation=_attention_for_path(info.path, CAUSAL_HEAD, False),
+        output_loading_info=True)
+    missing = loading.get("missing_keys") or []
+    if missing:
+        shown = ", ".join(sorted(missing)[:3])
+        raise UsageError(f"--model {info.path}: the weights do not match config.json (model_type "
+                         f"{model.config.model_type!r}): {len(missing)} tensors missing ({shown}, ...); put back the "
+                         f"config.json written with these weights")
+    return model
+
+
 def generate_cli(model_path: str, prompt: str, *, max_new_tokens: int, temperature: float, top_k: int,
                  top_p: float, num: int, chat: bool, seed: int) -> None:
     """`llm generate`: print `num` samples for one prompt (stopping at every stop id of the model)."""
+    if not prompt.strip():
+        raise UsageError("the prompt is empty; give the text to continue, e.g. llm generate --model DIR 'the sum of 2 and 3 is'")
     info = check_artifact(model_path, CAUSAL_LM, "--model")
     tokenizer = load_tokenizer(info.path)
-    model = load_causal_lm(info.path)
     if chat:
         if not tokenizer.chat_template:
             raise UsageError(f"the tokenizer in {model_path} has no chat template; drop --chat")
         text = render_prompts(tokenizer, [[{"role": "user", "content": prompt}]])[0]
     else:
         text = prompt
+    check_context(info, len(tokenizer(text, add_special_tokens=False)["input_ids"]), max_new_tokens)
+    model = load_checked(info)
     samples = generate_batch(model, tokenizer, [text] * num, max_new_tokens=max_new_tokens, temperature=temperature,
                              top_k=top_k, top_p=top_p, generator_seed=seed)
     for s in samples:

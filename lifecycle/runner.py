@@ -130,7 +130,7 @@ def plan_from_manifest(src: str, out: Path) -> list[tuple[str, str | None, dict]
     """
     path = Path(src)
     if (path / artifacts.MANIFEST).is_file():
-        found = [(artifacts.read_manifest(path)["stage"], path)]
+        found = [(artifacts.read_manifest(path, strict=True)["stage"], path)]
     elif path.is_dir():
         found = [(s, path / s) for s in STAGES if (path / s / artifacts.MANIFEST).is_file()]
     else:
@@ -140,7 +140,7 @@ def plan_from_manifest(src: str, out: Path) -> list[tuple[str, str | None, dict]
     repeated = {stage for stage, _ in found}
     plan = []
     for stage, d in found:
-        m = artifacts.read_manifest(d)
+        m = artifacts.read_manifest(d, strict=True)  # a malformed manifest: one line, not a traceback
         if stage not in STAGE_CONFIGS:
             raise UsageError(f"{d}: stage {stage!r} is not available in this version")
         known = {f for f in STAGE_CONFIGS[stage].__dataclass_fields__}
@@ -199,6 +199,8 @@ def run_lifecycle(recipe: str | None, out: str, *, max_steps: int | None = None,
             stop_if_regressed(root, configs, name, regression_margin)
             continue
         ck = latest_checkpoint(stage_out) if hasattr(cfg, "resume") and not force else None
+        if force and hasattr(cfg, "overwrite"):
+            cfg.overwrite = True  # --force starts the stage afresh: its older checkpoints are replaced
         if ck is not None:
             check_fingerprint(ck, cfg, fix=f"run with the same options, or add --force to start {name} afresh")
             cfg.resume = True

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from accelerate.utils import set_seed
 
-from lifecycle import artifacts, checkpoints, sweep, training
+from lifecycle import artifacts, checkpoints, guard, sweep, training
 from lifecycle.artifacts import looks_like_hub_id
 from lifecycle.config import PretrainConfig, to_dict
 from lifecycle.data import world as builtin_world
@@ -101,9 +101,7 @@ def _preflight(cfg: PretrainConfig) -> Path | None:
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {cfg.out} is a file; give a directory path")
     if cfg.resume:
-        ck = checkpoints.require_checkpoint(out)
-        checkpoints.check_fingerprint(ck, cfg)
-        return ck
+        return checkpoints.resume_checkpoint(cfg, warn=say)
     if cfg.tokenizer and not Path(cfg.tokenizer).exists():
         if not looks_like_hub_id(cfg.tokenizer):
             raise UsageError(f"--tokenizer {cfg.tokenizer} not found; pass a tokenizer directory or hub id, or leave it out to train one")
@@ -111,6 +109,13 @@ def _preflight(cfg: PretrainConfig) -> Path | None:
 
 
 def run(cfg: PretrainConfig) -> Path:
+    """Run the stage under the --out rules every stage keeps (lifecycle/guard.py): checked before anything is
+    written, locked while it runs, left as it was when the run is refused."""
+    with guard.claim(cfg):
+        return _run(cfg)
+
+
+def _run(cfg: PretrainConfig) -> Path:
     ck = _preflight(cfg)
     train_docs, eval_docs, about = _load_corpus(cfg)  # bad data fails here, before any weights exist
 

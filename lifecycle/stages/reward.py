@@ -31,7 +31,7 @@ import trl
 from datasets import Dataset
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from lifecycle import artifacts, finetune, training
+from lifecycle import artifacts, finetune, guard, training
 from lifecycle.config import RewardConfig
 from lifecycle.data import formats, world
 from lifecycle.data.files import read_all
@@ -113,15 +113,24 @@ def pad_is_real(rows: list[dict], pad_id: int | None) -> bool:
 
 
 def run(cfg: RewardConfig) -> Path:
+    """Run the stage under the --out rules every stage keeps (lifecycle/guard.py): checked before anything is
+    written, locked while it runs, left as it was when the run is refused."""
+    with guard.claim(cfg):
+        return _run(cfg)
+
+
+def _run(cfg: RewardConfig) -> Path:
     t_start = time.perf_counter()
     out = Path(cfg.out)
 
     # 1. Inputs ------------------------------------------------------------
-    info = artifacts.check_artifact(cfg.base, artifacts.CAUSAL_LM, "--base")
-    init = artifacts.check_artifact(cfg.init_from, artifacts.CAUSAL_LM, "--init-from") if cfg.init_from else info
+    info = artifacts.check_artifact(cfg.base, artifacts.CAUSAL_LM, "--base", verify=cfg.verify)
+    init = artifacts.check_artifact(cfg.init_from, artifacts.CAUSAL_LM, "--init-from", verify=cfg.verify) if cfg.init_from else info
     resuming = finetune.check_resume(cfg)
     training.check_tracker(cfg)
     training.check_memory(cfg, info, "reward")
+    guard.check_disk(cfg, info)
+    guard.check_lora_targets(cfg, info)
     builtin = not cfg.data
     train_pairs, eval_pairs = ([], []) if builtin else user_pairs(cfg)
 
@@ -183,7 +192,7 @@ def run(cfg: RewardConfig) -> Path:
     finetune.fp32_adapters_without_autocast(trainer, cfg)
     finetune.attach_progress(trainer, cfg)
     t_train = time.perf_counter()
-    trainer.train(resume_from_checkpoint=True if resuming else None)
+    finetune.train(trainer, cfg, resuming)
     train_seconds = time.perf_counter() - t_train
 
     # 7. Final model and held-out metrics ----------------------------------

@@ -26,7 +26,7 @@ import trl
 from datasets import Dataset
 from transformers import TrainerCallback
 
-from lifecycle import artifacts, finetune, training
+from lifecycle import artifacts, finetune, guard, training
 from lifecycle.config import SFTConfig
 from lifecycle.data import chat as chat_templates
 from lifecycle.data import formats, world
@@ -119,16 +119,25 @@ def build_trainer(cfg: SFTConfig, model, tokenizer, train_rows: list[dict], eval
 
 
 def run(cfg: SFTConfig) -> Path:
+    """Run the stage under the --out rules every stage keeps (lifecycle/guard.py): checked before anything is
+    written, locked while it runs, left as it was when the run is refused."""
+    with guard.claim(cfg):
+        return _run(cfg)
+
+
+def _run(cfg: SFTConfig) -> Path:
     t_start = time.perf_counter()
     out = Path(cfg.out)
 
     # 1. Inputs ------------------------------------------------------------
-    info = artifacts.check_artifact(cfg.base, artifacts.CAUSAL_LM, "--base")
+    info = artifacts.check_artifact(cfg.base, artifacts.CAUSAL_LM, "--base", verify=cfg.verify)
     requested = dataclasses.replace(cfg)  # what checkpoints record: the options as asked, before resolving
     cfg.max_length = finetune.inherit_max_length(cfg, info)  # 0: the parent's training length
     resuming = finetune.check_resume(requested)
     training.check_tracker(cfg)
     training.check_memory(cfg, info, "sft")
+    guard.check_disk(cfg, info)
+    guard.check_lora_targets(cfg, info)
     shape, train_rows, eval_rows = load_rows(cfg)
     builtin = not cfg.data
     say(f"sft: {len(train_rows)} training rows ({shape}{', built-in world' if builtin else ''}), {len(eval_rows)} held out")
@@ -183,7 +192,7 @@ def run(cfg: SFTConfig) -> Path:
     if problems and eval_rows:
         trainer.add_callback(gold_callback(tokenizer, problems, before))
     t_train = time.perf_counter()
-    trainer.train(resume_from_checkpoint=True if resuming else None)
+    finetune.train(trainer, cfg, resuming)
     train_seconds = time.perf_counter() - t_train
 
     # 6. Final model and held-out metrics ----------------------------------
