@@ -494,6 +494,7 @@ class DPOConfig(FinetunePeft, ChatFormat, TrlTraining):
     beta: float = opt(0.1, "β: the strength of the implicit KL penalty; the implicit reward is β·log(π/π_ref). Lower lets the policy move further from the reference (IPO: its τ).")
     loss_type: str = opt("sigmoid", "sigmoid (DPO's -log σ(β·Δ)) | ipo ((Δ - 1/(2τ))², Azar et al. 2023) | hinge (SLiC) | robust (label noise, with label_smoothing).")
     label_smoothing: float = opt(0.0, "With loss_type robust: the assumed probability that a pair's preference is flipped, in [0, 0.5).")
+    sft_weight: float = opt(0.0, "Weight of a negative log-likelihood term on the chosen responses added to the loss (RPO, Pang et al. 2024): keeps DPO from lowering the chosen answers' own likelihood (0 disables).")
     world_prompts: int = opt(2000, "Built-in world: training problems; each gives one pair from --base's own samples, judged by the gold checker (as `llm reward` makes them).")
     world_samples: int = shared(RewardConfig, "world_samples", 4)
     sample_temperature: float = shared(RewardConfig, "sample_temperature")
@@ -518,6 +519,8 @@ class DPOConfig(FinetunePeft, ChatFormat, TrlTraining):
             p.append(f"label_smoothing={self.label_smoothing}; expected a value in [0, 0.5)")
         elif self.label_smoothing and self.loss_type != "robust":
             p.append(f"label_smoothing={self.label_smoothing} applies to loss_type robust only; set loss_type=robust or drop it")
+        if self.sft_weight < 0:
+            p.append(f"sft_weight={self.sft_weight}; must be >= 0")
         p += _at_least_one(self, ("world_prompts", "world_samples"))
         if self.sample_temperature <= 0:
             p.append(f"sample_temperature={self.sample_temperature}; must be > 0")

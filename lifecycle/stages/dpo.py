@@ -29,13 +29,12 @@ from pathlib import Path
 import torch
 import trl
 from datasets import Dataset
-from transformers import TrainerCallback
 
-from lifecycle import artifacts, finetune, training
+from lifecycle import artifacts, finetune, guard, training
 from lifecycle.config import DPOConfig
 from lifecycle.data import formats, world
 from lifecycle.data.files import read_all
-from lifecycle.errors import Interrupted, UsageError
+from lifecycle.errors import UsageError
 from lifecycle.generate import generate_batch, gold_accuracy, render_prompts
 from lifecycle.modeling import CAUSAL_HEAD, count_params, describe_trainable, load_causal_lm, load_for_training
 from lifecycle.tokenizer import load_tokenizer
@@ -108,19 +107,13 @@ def kl_to_reference(policy, reference, tokenizer, prompts: list[str], *, max_new
     return total / max(len(seqs), 1)
 
 
-def stop_callback(stop: training.GracefulStop):
-    """After the step in which Ctrl-C/SIGTERM arrived: save a checkpoint (the Trainer's own) and stop training."""
-
-    class StopOnSignal(TrainerCallback):
-        def on_step_end(self, args, state, control, **kw):
-            if stop.requested:
-                control.should_save = True
-                control.should_training_stop = True
-
-    return StopOnSignal()
-
-
 def run(cfg: DPOConfig) -> Path:
+    """Run the stage under the --out rules every stage keeps (lifecycle/guard.py)."""
+    with guard.claim(cfg):
+        return _run(cfg)
+
+
+def _run(cfg: DPOConfig) -> Path:
     t_start = time.perf_counter()
     out = Path(cfg.out)
 
@@ -129,6 +122,8 @@ def run(cfg: DPOConfig) -> Path:
     resuming = finetune.check_resume(cfg)
     training.check_tracker(cfg)
     training.check_memory(cfg, info, "dpo")
+    guard.check_disk(cfg, info)
+    guard.check_lora_targets(cfg, info)
     builtin = not cfg.data
     train_pairs, eval_pairs = ([], []) if builtin else user_pairs(cfg)
 
@@ -173,7 +168,9 @@ def run(cfg: DPOConfig) -> Path:
     # 5. Train -------------------------------------------------------------
     args = finetune.trainer_args(
         trl.DPOConfig, cfg, has_eval=bool(eval_pairs), resuming=resuming,
-        beta=cfg.beta, loss_type=[cfg.loss_type], label_smoothing=cfg.label_smoothing,
+        beta=cfg.beta, label_smoothing=cfg.label_smoothing,
+        loss_type=[cfg.loss_type] + (["sft"] if cfg.sft_weight else []),  # RPO: + sft_weight x NLL of the chosen
+        loss_weights=[1.0, cfg.sft_weight] if cfg.sft_weight else None,
         disable_dropout=True, gradient_checkpointing=cfg.gradient_checkpointing,
     )
     trainer = trl.DPOTrainer(
@@ -187,13 +184,8 @@ def run(cfg: DPOConfig) -> Path:
     finetune.fp32_adapters_without_autocast(trainer, cfg)
     finetune.attach_progress(trainer, cfg)
     t_train = time.perf_counter()
-    with training.GracefulStop() as stop:
-        trainer.add_callback(stop_callback(stop))
-        trainer.train(resume_from_checkpoint=True if resuming else None)
+    finetune.train(trainer, cfg, resuming)  # Ctrl-C/SIGTERM: a checkpoint, then Interrupted (exit 130)
     train_seconds = time.perf_counter() - t_train
-    if stop.requested:
-        raise Interrupted(f"{stop.requested} at step {trainer.state.global_step}: checkpoint saved to "
-                          f"{out / 'checkpoints' / f'checkpoint-{trainer.state.global_step}'}; continue with --resume")
 
     # 6. Final model and held-out metrics ----------------------------------
     scratch = out / f".adapter-{os.getpid()}"

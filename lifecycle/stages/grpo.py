@@ -42,12 +42,12 @@ import trl
 from datasets import Dataset
 from transformers import TrainerCallback
 
-from lifecycle import artifacts, finetune, rl, training
+from lifecycle import artifacts, finetune, guard, rl, training
 from lifecycle.artifacts import Artifact
 from lifecycle.config import GRPOConfig, PPOConfig
 from lifecycle.data import world
 from lifecycle.data.prompts import Prompts, as_user_turns, load_prompts
-from lifecycle.errors import Interrupted, UsageError
+from lifecycle.errors import UsageError
 from lifecycle.generate import generate_batch, gold_accuracy, render_prompts, stop_ids
 from lifecycle.modeling import CAUSAL_HEAD, count_params, describe_trainable, load_causal_lm, load_for_training
 from lifecycle.reward_model import load_reward_model, score
@@ -228,15 +228,14 @@ def _gold(m: dict) -> str:
 
 
 # ---------------------------------------------------------------------------
-# 5. What runs beside the trainer: evaluation, the watchdog, Ctrl-C/SIGTERM
+# 5. What runs beside the trainer: evaluation and the watchdog
 # ---------------------------------------------------------------------------
 STATE_FILE = "grpo_state.json"  # in each checkpoint: the initial evaluation and the watchdog's state
 
 
 class Beside(TrainerCallback):
-    def __init__(self, cfg: GRPOConfig, tok, held: HeldOut, reward: CheckedReward, dog: Watchdog,
-                 stop: training.GracefulStop, initial: dict | None):
-        self.cfg, self.tok, self.held, self.reward, self.dog, self.stop = cfg, tok, held, reward, dog, stop
+    def __init__(self, cfg: GRPOConfig, tok, held: HeldOut, reward: CheckedReward, dog: Watchdog, initial: dict | None):
+        self.cfg, self.tok, self.held, self.reward, self.dog = cfg, tok, held, reward, dog
         self.initial, self.last_eval, self.reference = initial, initial, None
         self.zero_var_events: list[dict] = []
         self.zero_var_active = False
@@ -251,9 +250,6 @@ class Beside(TrainerCallback):
                 say(f"WATCHDOG [{a['alarm']}] at step {a['step']}: {a['message']}")
             say(f"step {step}: held-out reward {self.last_eval['eval_score']:.3f}{_gold(self.last_eval)} | "
                 f"KL {self.last_eval['eval_kl']:.3f} nats/response")
-        if self.stop.requested:  # save a checkpoint (the Trainer's own) after this step, and stop
-            control.should_save = True
-            control.should_training_stop = True
 
     # the watchdog on each step's log
     def on_log(self, args, state, control, logs=None, **kw):
@@ -320,6 +316,12 @@ def write_log(out: Path, history: list[dict], initial: dict) -> None:
 # The stage
 # ---------------------------------------------------------------------------
 def run(cfg: GRPOConfig) -> Path:
+    """Run the stage under the --out rules every stage keeps (lifecycle/guard.py)."""
+    with guard.claim(cfg):
+        return _run(cfg)
+
+
+def _run(cfg: GRPOConfig) -> Path:
     t_start = time.perf_counter()
     out = Path(cfg.out)
 
@@ -351,6 +353,8 @@ def run(cfg: GRPOConfig) -> Path:
         raise UsageError(f"the longest prompt is {longest} tokens, with max_new_tokens={cfg.max_new_tokens} over "
                          f"max_length={cfg.max_length}; raise max_length or shorten the prompts")
     training.check_memory(cfg, info, "grpo", seq_len=longest + cfg.max_new_tokens)
+    guard.check_disk(cfg, info)
+    guard.check_lora_targets(cfg, info)
     say(f"grpo: prompts: {prompts.about}")
 
     # 3. Model -------------------------------------------------------------
@@ -373,8 +377,7 @@ def run(cfg: GRPOConfig) -> Path:
 
     # 4. Starting point ----------------------------------------------------
     dog = make_watchdog(cfg)
-    stop = training.GracefulStop()
-    beside = Beside(cfg, tok, held, reward, dog, stop, None)
+    beside = Beside(cfg, tok, held, reward, dog, None)
     if resuming:
         from lifecycle.checkpoints import latest_checkpoint
 
@@ -402,12 +405,8 @@ def run(cfg: GRPOConfig) -> Path:
     finetune.attach_progress(trainer, cfg)
     trainer.add_callback(beside)
     t_train = time.perf_counter()
-    with stop:
-        trainer.train(resume_from_checkpoint=True if resuming else None)
+    finetune.train(trainer, cfg, resuming)  # Ctrl-C/SIGTERM: a checkpoint, then Interrupted (exit 130)
     train_seconds = time.perf_counter() - t_train
-    if stop.requested:
-        raise Interrupted(f"{stop.requested} at step {trainer.state.global_step}: checkpoint saved to "
-                          f"{out / 'checkpoints' / f'checkpoint-{trainer.state.global_step}'}; continue with --resume")
 
     # 6. Final model and evaluation ----------------------------------------
     final_eval = beside.last_eval if trainer.state.global_step == cfg.total_steps and beside.last_eval else None
