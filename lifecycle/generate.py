@@ -174,22 +174,12 @@ def gold_accuracy(model, tokenizer, problems, *, max_new_tokens: int = 6, batch_
 
 def check_context(info, prompt_tokens: int, max_new_tokens: int) -> None:
     """The prompt and the tokens to generate must fit the model's context (its config's position count)."""
-    import json
-    from pathlib import Path
+    from lifecycle import guard
 
-    if info.hub:
-        return
-    try:
-        conf = json.loads((Path(info.path) / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return
-    conf = conf.get("text_config") if isinstance(conf.get("text_config"), dict) else conf
-    context = next((conf[k] for k in ("max_position_embeddings", "n_positions") if isinstance(conf.get(k), int)), None)
-    if context and prompt_tokens + max_new_tokens > context:
-        room = context - prompt_tokens
-        fix = f"lower --max-new-tokens to {room} or less" if room > 0 else "shorten the prompt"
-        raise UsageError(f"the prompt ({prompt_tokens} tokens) and --max-new-tokens {max_new_tokens} exceed the model's "
-                         f"context of {context} positions; {fix}")
+    room = (guard.context_of(info) or 0) - prompt_tokens
+    fix = f"lower --max-new-tokens to {room} or less" if room > 0 else "shorten the prompt"
+    guard.check_context(info, prompt_tokens + max_new_tokens,
+                        f"the prompt ({prompt_tokens} tokens) with --max-new-tokens {max_new_tokens}", fix)
 
 
 def load_checked(info):

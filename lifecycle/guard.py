@@ -147,6 +147,46 @@ def check_disk(cfg: Any, source: Any) -> None:
         training.check_disk(cfg.out, n_params, cfg.keep_checkpoints)
 
 
+def check_update(where: str, norms: dict[str, float], out: str | Path) -> None:
+    """The divergence guard for a loop of ours with several gradient norms (ppo's actor and critic): stop before
+    the optimizer applies a non-finite update, naming where and the last good checkpoint (exit 3)."""
+    import math
+
+    bad = {k: v for k, v in norms.items() if not math.isfinite(v)}
+    if not bad:
+        return
+    from lifecycle.errors import TrainingDiverged
+
+    last = checkpoints.latest_checkpoint(out)
+    shown = ", ".join(f"{k} {v}" for k, v in bad.items())
+    raise TrainingDiverged(
+        f"training diverged at {where}: {shown} (the update was not applied); the last good checkpoint is "
+        f"{last or 'none (no checkpoint was written yet)'}; usual cures: lower lr, bf16 instead of fp16, "
+        f"grad_clip 1.0, more warmup_steps, a reward model whose scores are finite; then continue with --resume")
+
+
+def context_of(source: Any) -> int | None:
+    """The model's context in positions, from its config.json (None for a hub id or a config without one)."""
+    if getattr(source, "hub", False):
+        return None
+    try:
+        conf = json.loads((Path(getattr(source, "path", source)) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(conf, dict):
+        return None
+    conf = conf.get("text_config") if isinstance(conf.get("text_config"), dict) else conf
+    return next((conf[k] for k in ("max_position_embeddings", "n_positions") if isinstance(conf.get(k), int)), None)
+
+
+def check_context(source: Any, tokens: int, what: str, fix: str) -> None:
+    """Refuse sequences longer than the model's context: positions past it are either an index error
+    deep in the model or (rotary embeddings) silently out of the range the model was trained on."""
+    context = context_of(source)
+    if context and tokens > context:
+        raise UsageError(f"{what} ({tokens} tokens) exceeds the model's context of {context} positions; {fix}")
+
+
 def check_lora_targets(cfg: Any, source: Any) -> None:
     """Every name in lora_target_modules must name modules of the model (read from its safetensors headers);
     peft would otherwise stop with a traceback after the weights have loaded."""

@@ -364,3 +364,62 @@ def test_signals_and_kill_9_then_resume_equal_an_uninterrupted_run(stage, tiny_b
     assert codes[0] == 130, codes
     assert artifacts.is_complete(out)
     assert _max_diff(_weights(ref), _weights(out)) <= 1e-6
+
+
+# ---------------------------------------------------------------------------
+# ppo: the same guards around our own loop
+# ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_rm(tmp_path_factory, tiny_base):
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from lifecycle.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_base))
+    conf = AutoConfig.from_pretrained(tiny_base, num_labels=1)
+    conf.pad_token_id = tok.pad_token_id
+    torch.manual_seed(0)
+    rm = AutoModelForSequenceClassification.from_config(conf)
+    out = tmp_path_factory.mktemp("hostile_rm")
+    artifacts.save_model_artifact(rm, tok, out, stage="reward", config={}, metrics={"eval_accuracy": 0.9}, parent=None, seed=0)
+    return out
+
+
+def _ppo(tiny_base, tiny_rm, out, **kw):
+    from lifecycle.config import PPOConfig
+
+    values = dict(policy=str(tiny_base), reward=str(tiny_rm), out=str(out), critic="policy", max_steps=4,
+                  prompts_per_rollout=8, minibatch_size=8, micro_batch_size=8, max_new_tokens=4, eval_prompts=8,
+                  eval_every=100, world_prompts=64, save_every=1, log_every=100, normalize_reward=False)
+    return build_config(PPOConfig, None, {**values, **kw})
+
+
+def test_ppo_divergence_stops_before_the_update(tiny_base, tiny_rm, tmp_path):
+    """A reward that turns NaN at the second iteration: exit-3 error, the iteration-1 checkpoint kept and finite."""
+    from lifecycle.stages import ppo
+
+    calls = []
+
+    def reward_fn(prompts, samples):  # call 1: initial eval, 2: iteration 1, 3: iteration 2
+        calls.append(1)
+        return [float("nan") if len(calls) >= 3 else 0.5 for _ in samples]
+
+    out = tmp_path / "ppo"
+    with pytest.raises(TrainingDiverged, match="diverged at update 1 .*gradient norm nan.*step-000001"):
+        ppo.run(_ppo(tiny_base, tiny_rm, out), reward_fn=reward_fn)
+    assert [c.name for c in checkpoints.list_checkpoints(out)] == ["step-000001"]
+    assert not (out / "lifecycle.json").exists() and not (out / ".lock").exists()
+
+
+def test_ppo_refuses_an_out_with_another_runs_checkpoints_and_its_own_input(tiny_base, tiny_rm, tmp_path):
+    from lifecycle.stages import ppo
+
+    out = tmp_path / "other"
+    (checkpoints.checkpoint_root(out) / "step-000003").mkdir(parents=True)
+    before = snapshot(tmp_path)
+    with pytest.raises(UsageError, match="holds another run's checkpoints"):
+        ppo.run(_ppo(tiny_base, tiny_rm, out))
+    with pytest.raises(UsageError, match="is the input --reward"):
+        ppo.run(_ppo(tiny_base, tiny_rm, tiny_rm))
+    assert snapshot(tmp_path) == before

@@ -38,7 +38,7 @@ from typing import Callable
 import torch
 from accelerate.utils import set_seed
 
-from lifecycle import artifacts, checkpoints, rl, sweep, training
+from lifecycle import artifacts, checkpoints, guard, rl, sweep, training
 from lifecycle.config import PPOConfig, to_dict
 from lifecycle.data import world
 from lifecycle.errors import Interrupted, UsageError
@@ -193,6 +193,10 @@ def ppo_update(roles: Roles, r: Rollout, opt, acc, cfg: PPOConfig, MB: int, micr
                 return stats, n_updates, True
             clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
             mb_stats["grad_norm"], mb_stats["critic_grad_norm"] = clip_groups(opt, clip)
+            if cfg.mixed_precision != "fp16":  # fp16: the scaler skips an overflowing step by itself
+                guard.check_update(f"update {n_updates + 1} of this iteration",
+                                   {"actor gradient norm": mb_stats["grad_norm"].item(),
+                                    "critic gradient norm": mb_stats["critic_grad_norm"].item()}, cfg.out)
             opt.step()  # under fp16: the scaler's step (skipped on inf/nan) and one update
             opt.zero_grad(set_to_none=True)
             for k in stats:
@@ -361,12 +365,20 @@ def progress_line(step: int, total: int, m: dict, seconds: float, eta: float) ->
 # ---------------------------------------------------------------------------
 def run(cfg: PPOConfig, *, reward_fn: RewardFn | None = None) -> Path:
     """Train the policy with PPO and write the artifact at cfg.out. `reward_fn`, when given, replaces the reward
-    model's score (see `RewardFn`): for scripted rewards, in tests and experiments."""
+    model's score (see `RewardFn`): for scripted rewards, in tests and experiments. Runs under the --out rules
+    every stage keeps (lifecycle/guard.py)."""
+    with guard.claim(cfg):
+        return _run(cfg, reward_fn=reward_fn)
+
+
+def _run(cfg: PPOConfig, *, reward_fn: RewardFn | None = None) -> Path:
     # -- 0. inputs, memory, roles, gate, state ---------------------------------------------------
     t_wall = time.perf_counter()
     out = Path(cfg.out)
     ck = checkpoints.require_checkpoint(out) if cfg.resume else None
     if ck is not None:
+    guard.check_disk(cfg, inputs.policy)
+    guard.check_lora_targets(cfg, inputs.policy)
         checkpoints.check_fingerprint(ck, cfg)  # a resume under other options would be another run
     inputs = check_inputs(cfg)
     training.check_tracker(cfg)
@@ -382,8 +394,10 @@ def run(cfg: PPOConfig, *, reward_fn: RewardFn | None = None) -> Path:
     say(f"prompts: {inputs.prompts.about}")
     tok = load_tokenizer(inputs.policy.path)
     raw_train, raw_eval, train_prompts, eval_prompts = rendered_prompts(cfg, tok, inputs.prompts)
-    est = training.check_memory(cfg, inputs.policy, "ppo", batch_size=micro, gpus=W,
-                                seq_len=longest_sequence(cfg, tok, train_prompts + eval_prompts),
+    longest = longest_sequence(cfg, tok, train_prompts + eval_prompts)
+    guard.check_context(inputs.policy, longest, "the longest prompt with max_new_tokens",
+                        "shorten the prompts or lower max_new_tokens")
+    est = training.check_memory(cfg, inputs.policy, "ppo", batch_size=micro, gpus=W, seq_len=longest,
                                 rollout_batch_size=rollout_batch(cfg, B))
     if est is not None:
         say(f"memory estimate: {est.total_bytes / 2**20:,.1f} MiB per process at its peak ({est.peak_phase}); "
