@@ -375,12 +375,10 @@ def _run(cfg: PPOConfig, *, reward_fn: RewardFn | None = None) -> Path:
     # -- 0. inputs, memory, roles, gate, state ---------------------------------------------------
     t_wall = time.perf_counter()
     out = Path(cfg.out)
-    ck = checkpoints.require_checkpoint(out) if cfg.resume else None
-    if ck is not None:
+    ck = checkpoints.resume_checkpoint(cfg, warn=training.say) if cfg.resume else None  # same stage, recipe, length
+    inputs = check_inputs(cfg)
     guard.check_disk(cfg, inputs.policy)
     guard.check_lora_targets(cfg, inputs.policy)
-        checkpoints.check_fingerprint(ck, cfg)  # a resume under other options would be another run
-    inputs = check_inputs(cfg)
     training.check_tracker(cfg)
     training.quiet()
     acc = training.make_accelerator(mixed_precision=cfg.mixed_precision,
