@@ -854,7 +854,9 @@ def _coerce(name: str, value: Any, typ: Any) -> Any:
         if value is None:
             return []
         if isinstance(value, str):
-            return [v for v in value.split(",") if v]
+            if Path(value).exists():  # a path with a comma in its name is one path
+                return [value]
+            return [v.strip() for v in value.split(",") if v.strip()]  # `a, b`: two items, no leading space
         if not isinstance(value, list):
             raise ValueError(f"expected a list, got {type(value).__name__}")
         return list(value)

@@ -123,7 +123,7 @@ def check_out(cfg: Any) -> None:
             shown = ", ".join(d.name for d in found[-3:])
             raise UsageError(f"--out {cfg.out} holds another run's checkpoints ({shown}); continue that run with "
                              f"--resume, replace it with --overwrite, or pick another --out")
-    holder = _lock_holder(out)
+    holder = _lock_holder(out) if _main_process() else None  # the other ranks run beside rank 0, which holds it
     if holder is not None and holder != os.getpid():
         who = f"process {holder}" if holder > 0 else "another process"
         raise UsageError(f"--out {cfg.out} is in use by a running {who} (it holds {out / LOCK}); wait for it to "

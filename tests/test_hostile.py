@@ -344,6 +344,7 @@ def _argv(stage: str, values: dict) -> list[str]:
     return args
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["sft", "reward"])
 def test_signals_and_kill_9_then_resume_equal_an_uninterrupted_run(stage, tiny_base, tmp_path):
     """Defects 3 and 4: SIGTERM saves a checkpoint and exits 130; kill -9 (some land inside checkpoint writes)
@@ -423,3 +424,26 @@ def test_ppo_refuses_an_out_with_another_runs_checkpoints_and_its_own_input(tiny
     with pytest.raises(UsageError, match="is the input --reward"):
         ppo.run(_ppo(tiny_base, tiny_rm, tiny_rm))
     assert snapshot(tmp_path) == before
+
+
+def test_a_refused_pretrain_leaves_no_tokenizer_or_checkpoints_directory(tmp_path, monkeypatch):
+    """Defect 19: a refusal after the tokenizer was saved (here: the disk check) leaves no --out behind."""
+    from lifecycle import training
+    from lifecycle.stages import pretrain
+
+    def full(*a, **k):
+        raise UsageError("not enough disk space (simulated)")
+
+    monkeypatch.setattr(training, "check_disk", full)
+    out = tmp_path / "a" / "b"
+    with pytest.raises(UsageError, match="simulated"):
+        pretrain.run(_pt(out))
+    assert not (tmp_path / "a").exists()
+
+
+def test_a_list_option_splits_at_commas_but_keeps_an_existing_path_whole(tmp_path):
+    """Defect 18 (in part): `--set data=a, b` is two files, and a file whose name holds a comma is one."""
+    assert build_config(PretrainConfig, None, {"out": "o", "data": "a.txt, b.txt"}).data == ["a.txt", "b.txt"]
+    odd = tmp_path / "x,y.txt"
+    odd.write_text("text")
+    assert build_config(PretrainConfig, None, {"out": "o", "data": str(odd)}).data == [str(odd)]
