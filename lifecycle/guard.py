@@ -106,6 +106,9 @@ def check_out(cfg: Any) -> None:
             where = "is" if resolved == src else "is inside"
             raise UsageError(f"--out {cfg.out} {where} the input {flag} {path}: the run would overwrite what it reads; "
                              f"pick another --out")
+        if resolved in src.parents:
+            raise UsageError(f"the input {flag} {path} is inside --out {cfg.out}, where the run prunes and replaces "
+                             f"files; copy it elsewhere or pick another --out")
     probe = _existing_parent(out)
     if not probe.is_dir():
         raise UsageError(f"--out {cfg.out} cannot be created: {probe} is a file; pick another --out")
@@ -288,16 +291,19 @@ def claim(cfg: Any) -> Iterator[None]:
         _undo(out, before | {LOCK}, aside)
         aside = None
         raise
-    except OSError as e:
-        if e.errno not in DISK_ERRORS:
+    except Exception as e:
+        code = _disk_error(e)
+        if code is None:
+            for p in _own_scratch(out):
+                _remove(p)
             raise
         for p in _own_scratch(out):
             _remove(p)
         ck = checkpoints.latest_checkpoint(out)
-        where = f" ({e.filename})" if e.filename else ""
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
         resume = f"the last complete checkpoint is {ck}: free space and continue with --resume" if ck else \
             "no checkpoint was written: free space and run again"
-        raise UsageError(f"{DISK_ERRORS[e.errno]} while writing{where}; {resume}") from None
+        raise UsageError(f"{DISK_ERRORS[code]} while writing{where}; {resume}") from None
     except BaseException:
         for p in _own_scratch(out):
             _remove(p)
@@ -310,6 +316,21 @@ def claim(cfg: Any) -> Iterator[None]:
         for d in created:  # innermost first: directories this run made and left empty
             with contextlib.suppress(OSError):
                 d.rmdir()
+
+
+def _disk_error(e: BaseException) -> int | None:
+    """The errno of a full disk or read-only filesystem behind `e`, or None. torch.save and safetensors
+    report a failed write as a RuntimeError carrying the system's message, so the text is read too."""
+    seen = 0
+    while e is not None and seen < 5:
+        if isinstance(e, OSError) and e.errno in DISK_ERRORS:
+            return e.errno
+        text = str(e)
+        for code in DISK_ERRORS:
+            if os.strerror(code) in text:
+                return code
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return None
 
 
 def _undo(out: Path, before: set[str], aside: Path | None) -> None:

@@ -104,6 +104,7 @@ CASES = [
     ("sft-out-is-base", "sft --base {d}/basecopy --out {d}/basecopy", "overwrite what it reads"),
     ("sft-out-inside-base", "sft --base {d}/basecopy --out {d}/basecopy/sub", "inside"),
     ("reward-out-is-base", "reward --base {d}/basecopy --out {d}/basecopy", "overwrite what it reads"),
+    ("sft-base-inside-out", "sft --base {d}/basecopy --out {d}", "inside --out"),
     # 7. an --out that cannot be written
     ("sft-out-under-a-file", "sft --base {base} --out {d}/afile/x", "is a file"),
     ("sft-out-in-proc", "sft --base {base} --out /proc/llm-out", "not writable"),
@@ -328,9 +329,9 @@ def _kill_and_resume(stage: str, argv: list[str], out: Path, signals: list[tuple
         _, err = p.communicate(timeout=180)
         codes.append(p.returncode)
         if sig == signal.SIGTERM and p.returncode == 130:
-            assert "stopped: SIGTERM at step" in err and "continue with --resume" in err, err[-1500:]
-        ck = checkpoints.latest_checkpoint(out)
-        assert ck is not None and not (out / "lifecycle.json").exists() or artifacts.is_complete(out)
+            assert "stopped: SIGTERM at" in err and "continue with --resume" in err, err[-1500:]
+        assert checkpoints.latest_checkpoint(out) is not None
+        assert not (out / "lifecycle.json").exists() or artifacts.is_complete(out)
     r = subprocess.run(argv + ["--resume"], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     codes.append(r.returncode)
@@ -345,22 +346,28 @@ def _argv(stage: str, values: dict) -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", ["sft", "reward"])
-def test_signals_and_kill_9_then_resume_equal_an_uninterrupted_run(stage, tiny_base, tmp_path):
+@pytest.mark.parametrize("stage", ["sft", "reward", "ppo"])
+def test_signals_and_kill_9_then_resume_equal_an_uninterrupted_run(stage, tiny_base, tiny_rm, tmp_path):
     """Defects 3 and 4: SIGTERM saves a checkpoint and exits 130; kill -9 (some land inside checkpoint writes)
     leaves the newest complete checkpoint resumable; the resumed run's weights equal an uninterrupted run's."""
-    from lifecycle.stages import reward, sft
+    from lifecycle.config import PPOConfig
+    from lifecycle.stages import ppo, reward, sft
 
-    values = {**SFT, "max_steps": 8}
+    values = {**SFT, "max_steps": 8, "base": str(tiny_base)}
     if stage == "reward":
         values = {k: v for k, v in values.items() if k not in ("world_examples", "eval_problems")}
         values.update(world_prompts=24, world_samples=2, eval_problems=8, batch_size=4)
+    if stage == "ppo":
+        values = {k: v for k, v in vars(_ppo(tiny_base, tiny_rm, "x", max_steps=8)).items()
+                  if k in ("policy", "reward", "critic", "max_steps", "prompts_per_rollout", "minibatch_size",
+                           "micro_batch_size", "max_new_tokens", "eval_prompts", "eval_every", "world_prompts",
+                           "save_every", "log_every", "normalize_reward")}
     ref = tmp_path / "ref"
-    cfg_cls, mod = (SFTConfig, sft) if stage == "sft" else (RewardConfig, reward)
-    mod.run(build_config(cfg_cls, None, {"base": str(tiny_base), "out": str(ref), **values}))
+    cfg_cls, mod = {"sft": (SFTConfig, sft), "reward": (RewardConfig, reward), "ppo": (PPOConfig, ppo)}[stage]
+    mod.run(build_config(cfg_cls, None, {"out": str(ref), **values}))
 
     out = tmp_path / "run"
-    argv = _argv(stage, {"base": tiny_base, "out": out, **values})
+    argv = _argv(stage, {"out": out, **values})
     codes = _kill_and_resume(stage, argv, out, [(signal.SIGTERM, 0.0), (signal.SIGKILL, 0.05), (signal.SIGKILL, 0.3)])
     assert codes[0] == 130, codes
     assert artifacts.is_complete(out)
@@ -447,3 +454,19 @@ def test_a_list_option_splits_at_commas_but_keeps_an_existing_path_whole(tmp_pat
     odd = tmp_path / "x,y.txt"
     odd.write_text("text")
     assert build_config(PretrainConfig, None, {"out": "o", "data": str(odd)}).data == [str(odd)]
+
+
+def test_a_write_error_in_any_wrapper_is_recognised_as_a_full_disk(tmp_path):
+    """torch.save and safetensors report ENOSPC as a RuntimeError with the system's message: still one line."""
+    from lifecycle import guard
+
+    cfg = build_config(PretrainConfig, None, {"out": str(tmp_path / "o")})
+    assert guard._disk_error(RuntimeError("[enforce fail] file write failed: No space left on device")) == errno.ENOSPC
+    assert guard._disk_error(ValueError("shape mismatch")) is None
+    with pytest.raises(UsageError, match="the filesystem is read-only while writing; no checkpoint was written"):
+        with guard.claim(cfg):
+            try:
+                raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+            except OSError as e:
+                raise RuntimeError("save failed") from e
+    assert not (tmp_path / "o").exists()
