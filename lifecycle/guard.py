@@ -211,6 +211,18 @@ def check_lora_targets(cfg: Any, source: Any) -> None:
                          f"does not have; use 'all-linear' or some of: {', '.join(linear[:12]) or 'its linear layers'}")
 
 
+def verify(cfg: Any, *sources: Any) -> None:
+    """With --verify, every input artifact's files against the sha256 its manifest records (for the stages
+    whose inputs were checked without it)."""
+    from lifecycle.artifacts import CAUSAL_LM, check_artifact
+
+    if not getattr(cfg, "verify", False):
+        return
+    for flag, art in zip(("--policy", "--reward", "--critic"), sources):
+        if art is not None and not art.hub:
+            check_artifact(art.path, art.kind or CAUSAL_LM, flag, verify=True)
+
+
 def parameters_in(path: str | Path) -> int | None:
     """Parameters stored in an artifact's safetensors files, read from their headers (no weights loaded)."""
     total = 0

@@ -38,11 +38,12 @@ def _edit_json(path: Path, fn) -> None:
 
 
 @pytest.fixture(scope="module")
-def hostile(tmp_path_factory, tiny_base):
+def hostile(tmp_path_factory, tiny_base, tiny_rm):
     """Inputs for the refusal table: damaged copies of the tiny base, runs left behind, a file in the way."""
     d = tmp_path_factory.mktemp("hostile")
     base = Path(tiny_base)
     _copy_base(base, d / "basecopy")
+    _copy_base(Path(tiny_rm), d / "rm")
     (d / "afile").write_text("keep me")
     # An older run's checkpoints in an --out.
     other = checkpoints.checkpoint_root(d / "other") / "step-000005"
@@ -127,6 +128,7 @@ CASES = [
     ("ppo-policy-missing", "ppo --policy {d}/nope --reward {base} --out {d}/o", "llm sft"),
     # checksums with --verify
     ("sft-verify-flipped-byte", "sft --base {d}/flipped --out {d}/o --verify", "checksum"),
+    ("ppo-verify-flipped-byte", "ppo --policy {d}/flipped --reward {d}/rm --out {d}/o --verify", "checksum"),
 ]
 
 

@@ -377,6 +377,7 @@ def _run(cfg: PPOConfig, *, reward_fn: RewardFn | None = None) -> Path:
     out = Path(cfg.out)
     ck = checkpoints.resume_checkpoint(cfg, warn=training.say) if cfg.resume else None  # same stage, recipe, length
     inputs = check_inputs(cfg)
+    guard.verify(cfg, inputs.policy, inputs.reward, inputs.critic)
     guard.check_disk(cfg, inputs.policy)
     guard.check_lora_targets(cfg, inputs.policy)
     training.check_tracker(cfg)
