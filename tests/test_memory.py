@@ -448,6 +448,16 @@ def test_gradients_freed_between_steps_with_one_micro_batch():
         memory.estimate(cfg, grad_accum=0)
 
 
+def test_presets_and_the_estimate_need_neither_modeling_nor_torch():
+    """A project preset read and estimated in a fresh process leaves torch, transformers and modeling unimported."""
+    code = ("import sys\nfrom lifecycle import memory, presets\n"
+            "est = memory.estimate(presets.project_config(presets.PRESETS['llama-tiny']), device='cpu', batch_size=1, seq_len=8)\n"
+            "assert est.total_bytes > 0\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'lifecycle.modeling') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr[-1000:]
+
+
 def test_total_bytes_by_hand():
     """LLAMA above: N = 102,720 parameters (embeddings 320 x 64 = 20,480, per layer q 4,096 + k 2,048 + v 2,048 +
     o 4,096 + gate/up/down 3 x 6,144 + two norms 128 = 30,848, x 2 layers; final norm 64; untied head 20,480).
