@@ -108,6 +108,10 @@ MUTANTS = [
     Mutant("memory-no-layernorm-rstd", "LayerNorm's saved rstd is not counted",
            [("lifecycle/memory_sim.py", "            self.save(self.new(x.n // h, stat, False))    # rstd\n", "")],
            [f"{T}::test_estimate_matches_measurement"]),
+    Mutant("presets-import-modeling", "the torch-free presets module imports modeling (and so torch)",
+           [("lifecycle/presets.py", "from lifecycle.errors import UsageError\n",
+             "from lifecycle.errors import UsageError\nimport lifecycle.modeling  # noqa: F401,E402\n")],
+           [f"{T}::test_presets_and_the_estimate_need_neither_modeling_nor_torch"]),
     # -- artifacts and checkpoints --------------------------------------------------------------------
     Mutant("sft-rewrites-base-config", "sft rewrites the --base config.json (same size) before failing on bad data",
            [("lifecycle/stages/sft.py", "    requested = dataclasses.replace(cfg)  # what checkpoints",
