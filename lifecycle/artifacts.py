@@ -236,6 +236,18 @@ def _header(path: Path) -> dict:
 EMBEDDINGS = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight")
 
 
+def _tokenizer_size(path: Path) -> int | None:
+    """Tokens in a fast tokenizer's tokenizer.json (its vocabulary plus added tokens), None without one."""
+    try:
+        tok = json.loads((path / "tokenizer.json").read_text(encoding="utf-8"))
+        vocab = tok["model"]["vocab"]
+        ids = set(vocab.values()) if isinstance(vocab, dict) else set(range(len(vocab)))
+        ids.update(t["id"] for t in tok.get("added_tokens") or [] if isinstance(t, dict) and isinstance(t.get("id"), int))
+        return max(ids) + 1 if ids else None
+    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError, AttributeError):
+        return None
+
+
 def config_mismatch(path: Path) -> str | None:
     """Whether config.json describes the weights beside it: the vocabulary against the embedding's rows.
 
@@ -250,6 +262,10 @@ def config_mismatch(path: Path) -> str | None:
         return "config.json is not a JSON object"
     conf = conf.get("text_config") if isinstance(conf.get("text_config"), dict) else conf
     vocab = conf.get("vocab_size")
+    tokens = _tokenizer_size(path)
+    if isinstance(vocab, int) and tokens and tokens > vocab:
+        return (f"its tokenizer has {tokens} tokens but config.json says vocab_size={vocab} (ids past the "
+                f"embedding would fail mid-run)")
     for w in sorted(path.glob("*.safetensors")):
         for name, t in _header(w).items():
             if name.endswith(EMBEDDINGS) and isinstance(t, dict) and isinstance(t.get("shape"), list) and t["shape"]:

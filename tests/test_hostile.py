@@ -68,6 +68,15 @@ def hostile(tmp_path_factory, tiny_base, tiny_rm):
     size = (d / "vocab" / "config.json").stat().st_size  # edited with its manifest, so only the content disagrees
     _edit_json(d / "vocab" / "lifecycle.json", lambda m: {**m, "files": {**m["files"], "config.json": size},
                                                           "checksums": {}})
+    # A tokenizer larger than the model's vocabulary (config.json and the weights agree with each other).
+    _copy_base(base, d / "bigtok")
+    tok = json.loads((d / "bigtok" / "tokenizer.json").read_text())
+    top = max(tok["model"]["vocab"].values())
+    tok["added_tokens"].append({"id": top + 100, "content": "<extra>", "single_word": False, "lstrip": False,
+                                "rstrip": False, "normalized": False, "special": True})
+    (d / "bigtok" / "tokenizer.json").write_text(json.dumps(tok))
+    _edit_json(d / "bigtok" / "lifecycle.json", lambda m: {**m, "checksums": {}, "files": {
+        **m["files"], "tokenizer.json": (d / "bigtok" / "tokenizer.json").stat().st_size}})
     # One flipped byte inside a tensor: same size, same header.
     _copy_base(base, d / "flipped")
     w = d / "flipped" / "model.safetensors"
@@ -124,6 +133,7 @@ CASES = [
     ("sft-vocab-mismatch", "sft --base {d}/vocab --out {d}/o", "vocab_size"),
     ("generate-vocab-mismatch", "generate --model {d}/vocab hello", "vocab_size"),
     ("sft-kind-edited", "sft --base {d}/kind_edited --out {d}/o", "edited"),
+    ("sft-tokenizer-past-the-vocabulary", "sft --base {d}/bigtok --out {d}/o", "tokenizer has"),
     # 15. the command that makes a missing policy
     ("ppo-policy-missing", "ppo --policy {d}/nope --reward {base} --out {d}/o", "llm sft"),
     # checksums with --verify
