@@ -482,3 +482,18 @@ def test_a_write_error_in_any_wrapper_is_recognised_as_a_full_disk(tmp_path):
             except OSError as e:
                 raise RuntimeError("save failed") from e
     assert not (tmp_path / "o").exists()
+
+
+def test_a_checkpoint_that_does_not_fit_the_model_is_one_line(tiny_base, tmp_path):
+    """Defect 8, for checkpoints that record no recipe (written before markers did): LoRA checkpoints resumed
+    as full fine-tuning stop in one line instead of the Trainer's traceback."""
+    from lifecycle.stages import sft
+
+    out = tmp_path / "lora"
+    sft.run(_sft(tiny_base, out, max_steps=2, lora=True))
+    for ck in checkpoints.list_checkpoints(out):
+        (ck / checkpoints.FINGERPRINT).unlink()  # as an older version wrote them
+    before = snapshot(out)
+    with pytest.raises(UsageError, match="cannot resume from .*checkpoint-2: it does not fit this model"):
+        sft.run(_sft(tiny_base, out, max_steps=3, resume=True))
+    assert snapshot(out) == before
