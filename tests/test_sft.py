@@ -126,7 +126,7 @@ def _load_tensors(path: Path) -> dict:
     return {f"{k}.{n}": v for k, s in state.items() for n, v in s.items() if hasattr(v, "shape")}
 
 
-def test_resume_equals_an_uninterrupted_run(tiny_gpt2_base, tmp_path):
+def test_resume_equals_an_uninterrupted_run(tiny_tokenizer, tmp_path):
     """4 steps in one process, and the same run resumed from its step-2 checkpoint in a second process, end with
     equal weights and optimizer state (a GPT-2 base with dropout 0.1, so the restored RNG matters too); the
     held-out loss falls from step 2 to step 4."""
@@ -135,10 +135,20 @@ def test_resume_equals_an_uninterrupted_run(tiny_gpt2_base, tmp_path):
     import torch
     import yaml
 
+    from lifecycle.artifacts import save_model_artifact
+    from lifecycle.modeling import build_model, model_config
     from lifecycle.stages import sft
 
+    spec = tmp_path / "gpt2-dropout.json"
+    spec.write_text(json.dumps({"model_type": "gpt2", "n_embd": 32, "n_layer": 2, "n_head": 4, "n_inner": 64,
+                                "n_positions": 128, "resid_pdrop": 0.1, "embd_pdrop": 0.1, "attn_pdrop": 0.1}))
+    torch.manual_seed(0)
+    tok = tiny_tokenizer
+    base = tmp_path / "base"
+    save_model_artifact(build_model(model_config(str(spec), len(tok), tok.eos_token_id, tok.pad_token_id)), tok, base,
+                        stage="pretrain", config={"model": str(spec)}, metrics={}, parent=None, seed=0)
     out = tmp_path / "o"
-    values = dict(base=str(tiny_gpt2_base), out=str(out), max_steps=4, world_examples=32, eval_problems=8, batch_size=8,
+    values = dict(base=str(base), out=str(out), max_steps=4, world_examples=32, eval_problems=8, batch_size=8,
                   eval_batch_size=16, warmup_steps=0, save_every=2, log_every=1, eval_every=2, lr=1e-3)
     sft.run(build_config(SFTConfig, None, values))
     final = out / "checkpoints" / "checkpoint-4"
@@ -148,7 +158,7 @@ def test_resume_equals_an_uninterrupted_run(tiny_gpt2_base, tmp_path):
     shutil.rmtree(final)
     recipe = tmp_path / "sft.yaml"
     recipe.write_text(yaml.safe_dump({k: v for k, v in values.items() if k not in ("base", "out")}))
-    proc = run_cli("sft", "--config", str(recipe), "--base", str(tiny_gpt2_base), "--out", str(out), "--resume")
+    proc = run_cli("sft", "--config", str(recipe), "--base", str(base), "--out", str(out), "--resume")
     assert proc.returncode == 0, proc.stderr[-2000:]
     for f, tensors in whole.items():
         again = _load_tensors(final / f)
