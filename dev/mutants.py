@@ -118,9 +118,10 @@ MUTANTS = [
              "    _c = Path(info.path) / 'config.json'; _c.write_text(_c.read_text().replace('silu', 'SiLU'))\n"
              "    requested = dataclasses.replace(cfg)  # what checkpoints")],
            ["tests/test_bad_input.py::test_bad_input[sft-missing-columns]"]),
-    Mutant("sft-makes-out-before-failing", "sft creates its output directory before checking its data",
+    Mutant("sft-writes-out-before-failing", "sft starts its log in --out before checking its data",
            [("lifecycle/stages/sft.py", "    requested = dataclasses.replace(cfg)  # what checkpoints",
-             "    out.mkdir(parents=True, exist_ok=True)\n    requested = dataclasses.replace(cfg)  # what checkpoints")],
+             "    out.mkdir(parents=True, exist_ok=True); (out / 'log.jsonl').write_text('')\n"
+             "    requested = dataclasses.replace(cfg)  # what checkpoints")],
            ["tests/test_bad_input.py::test_bad_input[sft-missing-columns]"]),
     Mutant("is-complete-ignores-sizes", "an artifact counts as complete whatever its files' sizes",
            [("lifecycle/artifacts.py", "if not f.is_file() or f.stat().st_size != size:", "if not f.is_file():")],
