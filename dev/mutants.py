@@ -108,9 +108,9 @@ MUTANTS = [
     Mutant("memory-no-layernorm-rstd", "LayerNorm's saved rstd is not counted",
            [("lifecycle/memory_sim.py", "            self.save(self.new(x.n // h, stat, False))    # rstd\n", "")],
            [f"{T}::test_estimate_matches_measurement"]),
-    Mutant("presets-import-modeling", "the torch-free presets module imports modeling (and so torch)",
+    Mutant("presets-import-torch", "the torch-free presets module imports torch",
            [("lifecycle/presets.py", "from lifecycle.errors import UsageError\n",
-             "from lifecycle.errors import UsageError\nimport lifecycle.modeling  # noqa: F401,E402\n")],
+             "from lifecycle.errors import UsageError\nimport torch  # noqa: F401,E402\n")],
            [f"{T}::test_presets_and_the_estimate_need_neither_modeling_nor_torch"]),
     # -- artifacts and checkpoints --------------------------------------------------------------------
     Mutant("sft-rewrites-base-config", "sft rewrites the --base config.json (same size) before failing on bad data",
@@ -118,9 +118,9 @@ MUTANTS = [
              "    _c = Path(info.path) / 'config.json'; _c.write_text(_c.read_text().replace('silu', 'SiLU'))\n"
              "    requested = dataclasses.replace(cfg)  # what checkpoints")],
            ["tests/test_bad_input.py::test_bad_input[sft-missing-columns]"]),
-    Mutant("sft-writes-out-before-failing", "sft starts its log in --out before checking its data",
+    Mutant("sft-scratch-beside-out", "sft makes an (empty) scratch directory beside --out, outside the --out guard",
            [("lifecycle/stages/sft.py", "    requested = dataclasses.replace(cfg)  # what checkpoints",
-             "    out.mkdir(parents=True, exist_ok=True); (out / 'log.jsonl').write_text('')\n"
+             "    (out.absolute().parent / f'.sft-scratch-{os.getpid()}').mkdir(exist_ok=True)\n"
              "    requested = dataclasses.replace(cfg)  # what checkpoints")],
            ["tests/test_bad_input.py::test_bad_input[sft-missing-columns]"]),
     Mutant("is-complete-ignores-sizes", "an artifact counts as complete whatever its files' sizes",
