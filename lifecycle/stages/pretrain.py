@@ -184,9 +184,13 @@ def _run(cfg: PretrainConfig) -> Path:
     if acc.is_main_process:
         training.check_disk(out, n_params, cfg.keep_checkpoints)
     say(f"model: {cfg.model} ({mconf.model_type}), {n_params / 1e6:.2f}M parameters, vocab {mconf.vocab_size}")
+    # AdamW's multi-tensor (foreach) path: the same arithmetic as the per-parameter loop, bit for bit on the CPU,
+    # in a few calls per step instead of a dozen per parameter. On a GPU the fused kernel (one launch per step,
+    # not bit-equal to the loop) is the standard fast path.
+    fused = acc.device.type == "cuda"
     optimizer = torch.optim.AdamW(
         training.param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8,
-        fused=False, foreach=False,  # deterministic reference implementation; fast enough for this scale
+        fused=fused, foreach=not fused,
     )
     model, optimizer = acc.prepare(model, optimizer)
     if cfg.compile:
