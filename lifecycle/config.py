@@ -494,7 +494,7 @@ class DPOConfig(FinetunePeft, ChatFormat, TrlTraining):
     beta: float = opt(0.1, "β: the strength of the implicit KL penalty; the implicit reward is β·log(π/π_ref). Lower lets the policy move further from the reference (IPO: its τ).")
     loss_type: str = opt("sigmoid", "sigmoid (DPO's -log σ(β·Δ)) | ipo ((Δ - 1/(2τ))², Azar et al. 2023) | hinge (SLiC) | robust (label noise, with label_smoothing).")
     label_smoothing: float = opt(0.0, "With loss_type robust: the assumed probability that a pair's preference is flipped, in [0, 0.5).")
-    sft_weight: float = opt(0.0, "Weight of a negative log-likelihood term on the chosen responses added to the loss (RPO, Pang et al. 2024): keeps DPO from lowering the chosen answers' own likelihood (0 disables).")
+    sft_weight: float = opt(1.0, "Weight of a negative log-likelihood term on the chosen responses added to the loss (RPO, Pang et al. 2024): keeps DPO from lowering the chosen answers' own likelihood (0 disables).")
     world_prompts: int = opt(2000, "Built-in world: training problems; each gives one pair from --base's own samples, judged by the gold checker (as `llm reward` makes them).")
     world_samples: int = shared(RewardConfig, "world_samples", 4)
     sample_temperature: float = shared(RewardConfig, "sample_temperature")
@@ -544,7 +544,7 @@ class GRPOConfig(FinetunePeft, ChatFormat, TrlTraining):
     prompts_per_step: int = opt(16, "Prompts per optimizer step (batch_size x grad_accum = prompts_per_step x num_generations responses).")
     max_new_tokens: int = shared(PPOConfig, "max_new_tokens")
     temperature: float = opt(1.0, "Sampling temperature of the groups (log-probabilities are taken at the same temperature).")
-    kl_coef: float = opt(0.04, "β of the KL penalty β·KL(π || π_ref) in the loss (k3 estimator, as the paper); 0 loads no reference.")
+    kl_coef: float = opt(0.02, "β of the KL penalty β·KL(π || π_ref) in the loss (k3 estimator, as the paper); 0 loads no reference.")
     clip_range: float = shared(PPOConfig, "clip_range")
     num_iterations: int = opt(1, "μ: optimizer passes over each batch of groups (1: on-policy, the ratio is 1 and clipping idle).")
     loss_type: str = opt("grpo", "grpo (each response's token mean, as the paper) | dr_grpo (sum over a fixed length: no length bias) | dapo (token mean over the batch) | bnpo.")
@@ -553,20 +553,22 @@ class GRPOConfig(FinetunePeft, ChatFormat, TrlTraining):
     watch_zero_std: float = opt(0.5, "Watchdog: warn when more than this share of a step's groups have zero reward variance (they carry no gradient).")
     watch_hack_gold_drop: float = shared(PPOConfig, "watch_hack_gold_drop")
     # GRPO's own defaults for shared options (tuned on the default SFT model; recipes/default/grpo.yaml).
-    steps: int = shared(TrlTraining, "steps", 60)
+    steps: int = shared(TrlTraining, "steps", 150)
     batch_size: int = shared(TrlTraining, "batch_size", 128)
-    lr: float = shared(TrlTraining, "lr", 5e-5)
+    lr: float = shared(TrlTraining, "lr", 1.5e-4)
     warmup_steps: int = shared(TrlTraining, "warmup_steps", 0)
     lr_scheduler: str = shared(TrlTraining, "lr_scheduler", "constant")
     max_length: int = shared(TrlTraining, "max_length", 64)
-    eval_every: int = shared(TrlTraining, "eval_every", 20)
-    save_every: int = shared(TrlTraining, "save_every", 20)
+    eval_every: int = shared(TrlTraining, "eval_every", 25)
+    save_every: int = shared(TrlTraining, "save_every", 50)
     log_every: int = shared(TrlTraining, "log_every", 1)
 
     def validate(self) -> list[str]:
         p = [x for x in super().validate() if not x.startswith("--base is required")]
         if not self.base:
             p.insert(0, "--policy is required (the causal-LM artifact to improve, e.g. runs/default/sft)")
+        if self.data:
+            p.append("grpo samples its own responses to prompts: give the prompt file as --prompts, not --data")
         if not self.reward and not self.reward_fn:
             p.append("--reward or --reward-fn is required (a reward-model artifact, or gold, or module:function)")
         elif self.reward and self.reward_fn:

@@ -125,7 +125,7 @@ def test_accelerate_configs_parse(path):
 DEFAULTS_SHA256 = {"pretrain": "3d0d2a1ba615f935", "sft": "25189e8867f99d90", "reward": "532c7507fb00a0ed",
                    "ppo": "7b3521d3f5ab5596",
                    # dpo and grpo: their tuned recipes' values (recipes/default/dpo.yaml, grpo.yaml)
-                   "dpo": "55f3b57c7369c082", "grpo": "03552d973e1a2605"}
+                   "dpo": "b27a8d401285f3e5", "grpo": "22a48cab4300437d"}
 
 
 @pytest.mark.parametrize("stage", sorted(STAGE_CONFIGS))
