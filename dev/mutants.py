@@ -95,7 +95,7 @@ MUTANTS = [
     # -- memory ---------------------------------------------------------------------------------------
     Mutant("memory-qlora-compute-fp32", "the shared dtype table says QLoRA computes in fp32",
            [("lifecycle/memory_arch.py", "pdt, qcompute = 4, 2", "pdt, qcompute = 4, 4")],
-           [T]),
+           [f"{T}::test_qlora_compute_dtype_is_the_loaders"]),
     Mutant("memory-total-ignores-step-and-buckets", "total_bytes ignores the optimizer-step phase and DDP buckets",
            [("lifecycle/memory.py", "states_total = sum(rows[k] for k in STATE_ROWS)",
              "states_total = sum(rows[k] for k in STATE_ROWS if k != 'ddp_buckets_bytes')"),
