@@ -274,7 +274,7 @@ def _run(cfg: PretrainConfig) -> Path:
             for group in optimizer.param_groups:
                 group["lr"] = lr
             idx = batch_indices(step, G, len(train_blocks), cfg.seed)
-            loss_sum = 0.0
+            micro_losses = []
             for micro in range(cfg.grad_accum):
                 lo = (micro * world + acc.process_index) * cfg.batch_size
                 x = train_blocks[idx[lo : lo + cfg.batch_size]].to(acc.device)
@@ -284,9 +284,12 @@ def _run(cfg: PretrainConfig) -> Path:
                     with acc.autocast():
                         loss = model(input_ids=x, labels=x).loss
                     acc.backward(loss / cfg.grad_accum)
-                loss_sum += loss.detach().float().item() / cfg.grad_accum
+                micro_losses.append(loss.detach().float())  # read after the last backward: no wait per micro-batch
             grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-            grad_norm = float(grad_norm)
+            grad_norm = float(grad_norm)  # the step's one wait for a GPU; the losses below are ready by then
+            loss_sum = 0.0
+            for v in torch.stack(micro_losses).tolist():
+                loss_sum += v / cfg.grad_accum
             training.check_finite(step + 1, loss_sum, grad_norm, out)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
