@@ -89,6 +89,8 @@ def test_decontamination_matches_across_line_breaks_case_and_punctuation():
     world, _ = S.decontam_index([("w", "48 plus 87 equals 135 .")], n=13, min_words=5)
     assert S.contamination("so 48\nplus 87 equals 135. right", world)[0] == "w"  # shorter than 13: whole item
     assert S.contamination("48 plus 87 equals 136 .", world) is None
+    assert S.contamination("48 plus 87 equals 135 .", world)[0] == "w"  # an overlap that ends the document
+    assert S.contamination("the trivia question was: " + item.lower(), index)[0] == "q1"  # the last 13-gram
 
 
 def test_source_specs():
