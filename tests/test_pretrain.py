@@ -486,6 +486,22 @@ def test_a_slow_start_up_peak_cannot_make_mfu_exceed_100_percent():
         assert 0 < peak.mfu(achieved) <= 1.0
 
 
+def test_the_loop_never_logs_mfu_above_100_percent(tmp_path, monkeypatch):
+    """The stage's own progress: a start-up probe that reads absurdly low (a busy machine) is raised by the first
+    faster step, so every logged MFU lies in (0, 1] and names the peak it divides by."""
+    import json
+
+    from lifecycle.stages import pretrain
+
+    monkeypatch.setattr(training, "measured_peak_flops", lambda device, dtype_name="float32", fresh=False: 1e3 if not fresh else 2e3)
+    out = tmp_path / "mfu"
+    pretrain.run(_cfg(out, steps=6, log_every=2, eval_every=6))
+    logged = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    mfus = [r["mfu"] for r in logged if "mfu" in r]
+    assert len(mfus) == 3 and all(0 < m <= 1.0 for m in mfus), mfus
+    assert {r["mfu_peak"] for r in logged if "mfu" in r} == {"measured fp32 peak"}
+
+
 def test_a_known_card_uses_its_published_dense_peak():
     never = lambda fresh=False: pytest.fail("a card with a published peak is not measured")  # noqa: E731
     h100 = training.PeakFlops(torch.device("cpu"), "bfloat16", card="NVIDIA H100 80GB HBM3", measure=never)

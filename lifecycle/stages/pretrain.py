@@ -254,10 +254,10 @@ def _run(cfg: PretrainConfig) -> Path:
     if acc.is_main_process and cfg.report_to != "none":
         acc.init_trackers("pretrain", config={k: v for k, v in to_dict(cfg).items() if isinstance(v, (int, float, str, bool))})
 
-    peak = training.measured_peak_flops(acc.device, "bfloat16" if cfg.mixed_precision == "bf16" else "float32")
+    peak = training.PeakFlops(acc.device, "bfloat16" if cfg.mixed_precision == "bf16" else "float32")
     fpt = training.flops_per_token(mconf, cfg.seq_len)
     say(f"training {total} steps x {tokens_per_step} tokens (batch {cfg.batch_size} x accum {cfg.grad_accum} x "
-        f"{world} process(es) x seq {cfg.seq_len}); measured matmul peak {peak / 1e9:.1f} GFLOP/s")
+        f"{world} process(es) x seq {cfg.seq_len}); MFU against the {peak.describe()}")
 
     # -- 6. the loop ---------------------------------------------------------------
     recipe = checkpoints.fingerprint(cfg)  # recorded in each checkpoint, checked on resume
@@ -302,10 +302,11 @@ def _run(cfg: PretrainConfig) -> Path:
             if step % cfg.log_every == 0 or step == total:
                 loss_avg = acc.reduce(torch.tensor(loss_sum, device=acc.device), reduction="mean").item()
                 tps, eta = meter.report(step)
-                mfu = tps * fpt / (peak * world)
+                mfu = peak.mfu(tps * fpt / world)  # per process; never above 1 (a faster step raises the peak)
                 say(f"step {step}/{total} | loss {loss_avg:.4f} | lr {lr:.2e} | grad {grad_norm:.2f} | "
-                    f"{tps:,.0f} tok/s | MFU {100 * mfu:.1f}% | ETA {training.format_eta(eta)}")
-                log.log(step, loss=loss_avg, lr=lr, grad_norm=grad_norm, tokens_per_second=tps, mfu=mfu, tokens_seen=tokens_seen)
+                    f"{tps:,.0f} tok/s | MFU {100 * mfu:.1f}% of {peak.label()} | ETA {training.format_eta(eta)}")
+                log.log(step, loss=loss_avg, lr=lr, grad_norm=grad_norm, tokens_per_second=tps, mfu=mfu,
+                        mfu_peak=peak.label(), tokens_seen=tokens_seen)
             if step % cfg.eval_every == 0 or step == total:
                 eval_loss = evaluate()
                 sample = sample_text() if acc.is_main_process else ""
