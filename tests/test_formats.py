@@ -68,6 +68,7 @@ def test_column_mapping_and_sharegpt_messages():
     ([{"text": "a"}, {"prompt": "b", "completion": "c"}], "row 2 has columns completion, prompt, but row 1 is text"),
     ([{"prompt": "q", "completion": " "}], "empty 'completion'"),
     ([{"text": 3}], "'text' is a int"),
+    ([{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "  "}]}], "empty assistant message"),
 ])
 def test_bad_sft_rows_name_the_problem(rows, fragment):
     with pytest.raises(UsageError, match=None) as e:
@@ -93,3 +94,27 @@ def test_split_eval_is_seeded_and_keeps_at_least_one_row():
     assert len(held) == 1 and len(train) == 9
     assert formats.split_eval(rows, 0.3, seed=1) == formats.split_eval(rows, 0.3, seed=1)
     assert formats.split_eval(rows[:1], 0.5, seed=1) == (rows[:1], [])
+
+
+def test_a_csv_with_a_byte_order_mark_reads_its_first_column(tmp_path):
+    """Spreadsheets save UTF-8 CSV with a byte-order mark; it must not become part of the first column's name."""
+    from lifecycle.data.files import read_records
+
+    p = tmp_path / "pairs.csv"
+    p.write_bytes("\ufeffprompt,completion\nwhat is 1 plus 2 ?,3\n".encode("utf-8"))
+    rows = read_records(str(p))
+    assert rows == [{"prompt": "what is 1 plus 2 ?", "completion": "3"}]
+
+
+@pytest.mark.parametrize("prompt, fragment", [
+    ([{"role": "robot", "content": "q"}], "role 'robot'"),
+    ([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "ends with an assistant message"),
+])
+def test_rl_prompts_check_their_roles(prompt, fragment):
+    from lifecycle.data.prompts import check_prompt
+
+    with pytest.raises(UsageError) as e:
+        check_prompt({"prompt": prompt}, 0, "prompt", "p.jsonl")
+    assert fragment in str(e.value) and "row 1" in str(e.value)
+    ok = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "q"}]
+    assert check_prompt({"prompt": ok}, 0, "prompt", "p.jsonl") == ok

@@ -105,7 +105,7 @@ def _read_json(path: Path) -> list[dict]:
 
 
 def _read_csv(path: Path) -> list[dict]:
-    with open(path, newline="", encoding="utf-8") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a spreadsheet's byte-order mark is not a column's name
         try:
             return [dict(r) for r in csv.DictReader(f)]
         except (UnicodeDecodeError, csv.Error) as e:

@@ -45,6 +45,8 @@ def _messages(value: Any, where: str) -> list[dict]:
             raise UsageError(f"{where} message {j + 1} has role {m.get('role')!r}; expected one of {', '.join(ROLES)}")
         if not isinstance(m.get("content"), str):
             raise UsageError(f"{where} message {j + 1} has no string content (found {type(m.get('content')).__name__})")
+        if m["role"] == "assistant" and not m["content"].strip():
+            raise UsageError(f"{where} message {j + 1} is an empty assistant message; give it text or remove it")
         out.append({"role": m["role"], "content": m["content"]})
     return out
 

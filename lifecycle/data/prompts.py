@@ -37,6 +37,15 @@ def check_prompt(row: Any, i: int, column: str, source: str) -> Prompt:
             raise UsageError(f"{source} row {i + 1}: the prompt is empty; remove the row")
         return p
     if isinstance(p, list) and p and all(isinstance(m, dict) and "role" in m and "content" in m for m in p):
+        from lifecycle.data.formats import ROLES
+
+        roles = [m["role"] for m in p]
+        bad = [r for r in roles if r not in ROLES]
+        if bad:
+            raise UsageError(f"{source} row {i + 1}: role {bad[0]!r}; a prompt's messages have roles {', '.join(ROLES)}")
+        if roles[-1] == "assistant":
+            raise UsageError(f"{source} row {i + 1}: the prompt ends with an assistant message; a prompt ends with the "
+                             "user's turn (the model writes the answer), so drop the last message")
         return p
     raise UsageError(f"{source} row {i + 1}: {column!r} must be a string or a list of {{role, content}} messages, "
                      f"got {type(p).__name__}")
