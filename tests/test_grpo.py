@@ -215,6 +215,10 @@ def test_default_recipe_restates_the_builtin_defaults():
 def test_run_recipe_align_puts_grpo_in_the_alignment_slot():
     from lifecycle.runner import load_recipe
 
+    from lifecycle.config import GRPOConfig, build_config
+
     plan = load_recipe(str(REPO / "recipes" / "default" / "run-grpo.yaml"))
-    assert [s for s, _, _ in plan] == ["pretrain", "sft", "reward", "grpo"]
-    assert plan[-1][1] == str(REPO / "recipes" / "default" / "grpo.yaml")
+    assert [s for s, _, _ in plan] == ["pretrain", "sft", "grpo"]
+    assert plan[-1][1] == str(REPO / "recipes" / "default" / "grpo-gold.yaml")
+    cfg = build_config(GRPOConfig, plan[-1][1], {"out": "x", "base": "p"})
+    assert cfg.reward_fn == "gold" and cfg.validate() == []
