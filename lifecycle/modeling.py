@@ -32,6 +32,8 @@ def model_config(spec: str, vocab_size: int, eos_id: int, pad_id: int):
             vocab_size=vocab_size, n_embd=p["hidden"], n_layer=p["layers"], n_head=p["heads"], n_inner=p["mlp"],
             n_positions=p["max_pos"], tie_word_embeddings=p["tied"], bos_token_id=eos_id, eos_token_id=eos_id,
             pad_token_id=pad_id,
+            # the preset's dropout (0 for the gpt2-* presets, as nanoGPT and current pretraining recipes use)
+            resid_pdrop=p.get("dropout", 0.1), embd_pdrop=p.get("dropout", 0.1), attn_pdrop=p.get("dropout", 0.1),
         )
     path = Path(spec)
     if not path.exists():

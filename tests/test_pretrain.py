@@ -518,3 +518,40 @@ def test_the_peak_probe_leaves_the_global_rng_alone():
     state = torch.get_rng_state()
     training.measured_peak_flops(torch.device("cpu"), fresh=True)
     assert torch.equal(torch.get_rng_state(), state)
+
+
+# ---------------------------------------------------------------------------
+# Speed changes that must not change the numbers
+# ---------------------------------------------------------------------------
+def test_the_multi_tensor_optimizer_is_bit_equal_to_the_per_parameter_loop(tmp_path, monkeypatch):
+    """AdamW's foreach path (the loop's default on the CPU) does the per-parameter loop's arithmetic: the same
+    weights bit for bit after a few steps, so the speed-up leaves the default recipe's numbers alone."""
+    from lifecycle.stages import pretrain
+
+    built = []
+    real = torch.optim.AdamW
+
+    class Spy(real):
+        def __init__(self, params, **kw):
+            built.append(kw)
+            super().__init__(params, **kw)
+
+    monkeypatch.setattr(torch.optim, "AdamW", Spy)
+    pretrain.run(_cfg(tmp_path / "a", steps=6, eval_every=6))
+    assert built[-1].get("foreach") is True
+
+    class Loop(real):
+        def __init__(self, params, **kw):
+            super().__init__(params, **{**kw, "foreach": False, "fused": False})
+
+    monkeypatch.setattr(torch.optim, "AdamW", Loop)
+    pretrain.run(_cfg(tmp_path / "b", steps=6, eval_every=6))
+    assert _sha(tmp_path / "a" / "model.safetensors") == _sha(tmp_path / "b" / "model.safetensors")
+
+
+def test_the_gpt2_presets_pretrain_without_dropout():
+    from lifecycle.modeling import model_config
+
+    for name in ("gpt2-tiny", "gpt2-micro", "gpt2-124m"):
+        c = model_config(name, 300, 0, 1)
+        assert (c.resid_pdrop, c.embd_pdrop, c.attn_pdrop) == (0.0, 0.0, 0.0), name
