@@ -143,12 +143,25 @@ def manifest_problem(m: Any) -> str | None:
     return None
 
 
+# Files this process has hashed and found intact, keyed by (path, size, mtime): `llm run` hands a parent to
+# several stages (sft's output to reward and ppo), and each --verify would read the same gigabytes again.
+_VERIFIED: set[tuple[str, int, int]] = set()
+
+
 def verify_checksums(path: str | Path, manifest: dict) -> str | None:
-    """The first file whose sha256 differs from the manifest's record, as a reason; None when all agree."""
+    """The first file whose sha256 differs from the manifest's record, as a reason; None when all agree.
+    A file already verified in this process and unchanged since (same size and modification time) is not read again."""
     for name, digest in sorted((manifest.get("checksums") or {}).items()):
         f = Path(path) / name
-        if not f.is_file() or file_digest(f) != digest:
+        if not f.is_file():
             return f"{name}'s content does not match its checksum in {MANIFEST} (changed or corrupted)"
+        st = f.stat()
+        key = (f"{f.resolve()}:{digest}", st.st_size, st.st_mtime_ns)
+        if key in _VERIFIED:
+            continue
+        if file_digest(f) != digest:
+            return f"{name}'s content does not match its checksum in {MANIFEST} (changed or corrupted)"
+        _VERIFIED.add(key)
     return None
 
 

@@ -174,6 +174,26 @@ def test_the_flipped_byte_passes_without_verify(hostile):
     assert m["checksums"] == {n: artifacts.file_digest(hostile / "basecopy" / n) for n in m["files"]}
 
 
+def test_a_parent_is_hashed_once_per_process_until_it_changes(hostile, tmp_path, monkeypatch):
+    """`llm run` hands sft's output to reward and to ppo: with --verify the second check does not read the
+    files again, but a file changed since (its size or modification time) is hashed afresh and caught."""
+    art = _copy_base(hostile / "basecopy", tmp_path / "parent")
+    hashed = []
+    real = artifacts.file_digest
+    monkeypatch.setattr(artifacts, "file_digest", lambda f, *a, **k: hashed.append(Path(f).name) or real(f, *a, **k))
+    artifacts.check_artifact(str(art), artifacts.CAUSAL_LM, "--base", verify=True)
+    first = len(hashed)
+    assert "model.safetensors" in hashed
+    artifacts.check_artifact(str(art), artifacts.CAUSAL_LM, "--policy", verify=True)
+    assert len(hashed) == first  # nothing read twice
+    w = art / "model.safetensors"
+    data = bytearray(w.read_bytes())
+    data[-1] ^= 0xFF
+    w.write_bytes(bytes(data))
+    with pytest.raises(UsageError, match="model.safetensors's content does not match its checksum"):
+        artifacts.check_artifact(str(art), artifacts.CAUSAL_LM, "--policy", verify=True)
+
+
 # ---------------------------------------------------------------------------
 # --overwrite, --resume and the lock (pretrain: our loop, in process)
 # ---------------------------------------------------------------------------
