@@ -175,10 +175,19 @@ def fingerprint(cfg: Any) -> dict:
     """The options of a stage config that decide what is trained (everything but MAY_CHANGE), and its stage."""
     from lifecycle.config import to_dict
 
-    found = {k: v for k, v in sorted(to_dict(cfg).items())
-             if k not in MAY_CHANGE and not k.startswith(MAY_CHANGE_PREFIXES)}
+    every = to_dict(cfg)
+    found = {k: v for k, v in sorted(every.items()) if not _may_change(k)}
+    # The options that may change are recorded too, apart, so a resume can say which ones did.
+    found[SAFE_KEY] = {k: v for k, v in sorted(every.items()) if _may_change(k) and k not in ("out", "resume")}
     stage = stage_of(cfg)
     return {"stage": stage, **found} if stage else found
+
+
+SAFE_KEY = "_may_change"  # the fingerprint's record of the options a resume may change (never compared)
+
+
+def _may_change(k: str) -> bool:
+    return k in MAY_CHANGE or k.startswith(MAY_CHANGE_PREFIXES)
 
 
 def recorded_fingerprint(ck: str | Path) -> dict | None:
@@ -211,6 +220,7 @@ def check_fingerprint(ck: str | Path, cfg: Any, fix: str = RESUME_FIX) -> None:
                          f"`llm {new.get('stage')}`; pick another --out, or drop --resume and add --overwrite to replace it")
     if "stage" not in old:  # written before checkpoints recorded their stage
         new.pop("stage", None)
+    old_safe, new_safe = old.pop(SAFE_KEY, None), new.pop(SAFE_KEY, {})
     diff = [k for k in sorted(set(old) | set(new)) if old.get(k, "<unset>") != new.get(k, "<unset>")]
     if diff:
         shown = ", ".join(f"{k}={old.get(k, '<unset>')!r} (now {new.get(k, '<unset>')!r})" for k in diff[:6])
@@ -218,6 +228,12 @@ def check_fingerprint(ck: str | Path, cfg: Any, fix: str = RESUME_FIX) -> None:
         raise UsageError(
             f"cannot resume from {ck}: it was written with {shown}{more}; {fix}"
         )
+    changed = [k for k in sorted(set(old_safe or {}) | set(new_safe))
+               if old_safe is not None and old_safe.get(k, "<unset>") != new_safe.get(k, "<unset>")]
+    if changed and os.environ.get("RANK", "0") == "0":
+        print("resuming with changed options that do not change what is trained: "
+              + ", ".join(f"{k}={new_safe.get(k, '<unset>')!r} (was {old_safe.get(k, '<unset>')!r})" for k in changed),
+              flush=True)
 
 
 def check_resume_step(ck: str | Path, total: int) -> None:

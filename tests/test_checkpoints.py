@@ -75,13 +75,18 @@ def _pretrain_cfg(out, **kw):
     return build_config(PretrainConfig, None, {**base, **kw})
 
 
-def test_fingerprint_refuses_a_resume_under_another_recipe(tmp_path):
+def test_fingerprint_refuses_a_resume_under_another_recipe(tmp_path, capsys):
     out = tmp_path / "p"
     cfg = _pretrain_cfg(out)
     ck = _ours(out, 4, {"fingerprint": checkpoints.fingerprint(cfg)})
     checkpoints.check_fingerprint(ck, cfg)
-    # Options that do not change what is trained may change.
+    # Options that do not change what is trained may change, and the resume says which did.
     checkpoints.check_fingerprint(ck, _pretrain_cfg(out, log_every=1, save_every=4, eval_every=2, resume=True))
+    said = capsys.readouterr().out
+    assert "resuming with changed options" in said and "log_every=1 (was 10)" in said and "eval_every=2" in said
+    assert "resume=" not in said and "out=" not in said
+    checkpoints.check_fingerprint(ck, cfg)
+    assert capsys.readouterr().out == ""  # nothing changed: nothing said
     with pytest.raises(UsageError) as e:
         checkpoints.check_fingerprint(ck, _pretrain_cfg(out, lr=1e-3, batch_size=4))
     msg = str(e.value)
