@@ -48,8 +48,8 @@ METHODS = {  # name -> (label, command after `llm`, recipe)
 OVER = {
     "ppo": ["--config", "recipes/default/ppo-hacking.yaml"],
     "grpo-rm": ["--set", "kl_coef=0", "--set", "lr=2e-4", "--set", "steps=120"],
-    "grpo-gold": ["--set", "kl_coef=0", "--set", "lr=2e-4", "--set", "steps=120"],
-    "dpo": ["--set", "beta=0.02", "--set", "lr=1e-3", "--set", "steps=360"],
+    "grpo-gold": ["--set", "lr=5e-4"],
+    "dpo": ["--set", "sft_weight=0"],  # plain DPO: the preference loss alone
     "grpo-rm-slow": [],
 }
 
