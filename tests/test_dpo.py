@@ -59,6 +59,8 @@ def test_full_dpo_writes_a_stock_causal_lm_with_its_metrics(dpo_run, tiny_base):
     for key in ("eval_accuracy", "eval_margin", "gold_accuracy", "gold_accuracy_initial", "kl"):
         assert isinstance(mt[key], float) and math.isfinite(mt[key]), key
     assert 0 <= mt["eval_accuracy"] <= 1 and mt["kl"] > 0  # two steps at lr 1e-2 move the policy off the reference
+    # before the first step the policy is the reference: every implicit reward, hence every margin, is 0
+    assert mt["eval_margin_initial"] == 0.0 and mt["eval_accuracy_initial"] == 0.0
     before, after = load_file(Path(tiny_base) / "model.safetensors"), load_file(out / "model.safetensors")
     assert any(not torch.equal(before[k], after[k]) for k in before), "no weight changed"
     AutoModelForCausalLM.from_pretrained(out)  # stock transformers reads it

@@ -195,6 +195,10 @@ def _run(cfg: DPOConfig) -> Path:
         ev = finetune.final_eval(trainer)
         metrics.update(eval_loss=ev["eval_loss"], eval_accuracy=ev.get("eval_rewards/accuracies"),
                        eval_margin=ev.get("eval_rewards/margins"), eval_pairs=len(eval_pairs))
+        start = next((e for e in trainer.state.log_history if e.get("step") == 0 and "eval_loss" in e), None)
+        if start is not None:  # the evaluation before the first step (π = π_ref: every implicit reward is 0)
+            metrics.update(eval_accuracy_initial=start.get("eval_rewards/accuracies"),
+                           eval_margin_initial=start.get("eval_rewards/margins"))
         say(f"dpo: held-out preference accuracy {metrics['eval_accuracy']:.3f}, implicit reward margin "
             f"{metrics['eval_margin']:.3f}")
     if problems:
