@@ -222,3 +222,20 @@ def test_run_recipe_align_puts_grpo_in_the_alignment_slot():
     assert plan[-1][1] == str(REPO / "recipes" / "default" / "grpo-gold.yaml")
     cfg = build_config(GRPOConfig, plan[-1][1], {"out": "x", "base": "p"})
     assert cfg.reward_fn == "gold" and cfg.validate() == []
+
+
+def test_grpo_and_dpo_run_on_a_hub_style_family_with_its_own_stop_tokens(family_dir, tmp_path):
+    """A ChatML model ends its turn with <|im_end|>, not EOS: GRPO's groups stop there, the artifact lists it."""
+    from lifecycle.config import DPOConfig
+    from lifecycle.stages import dpo, grpo
+
+    d = family_dir("qwen3")
+    out = grpo.run(grpo_cfg(d, tmp_path / "grpo", reward_fn="gold", lora=True, max_length=128))
+    m = manifest(out)
+    assert m["stage"] == "grpo" and m["metrics"]["steps"] == 2
+    stops = json.loads((out / "generation_config.json").read_text())["eos_token_id"]
+    assert isinstance(stops, list) and len(stops) >= 2  # <|endoftext|> and <|im_end|>
+    out = dpo.run(build_config(DPOConfig, None, dict(base=str(d), out=str(tmp_path / "dpo"), max_steps=2, world_prompts=8,
+                                                     world_samples=2, eval_problems=4, kl_samples=4, batch_size=4,
+                                                     warmup_steps=0, save_every=0, max_length=128)))
+    assert manifest(out)["stage"] == "dpo"
