@@ -172,6 +172,54 @@ def gold_accuracy(model, tokenizer, problems, *, max_new_tokens: int = 6, batch_
     }
 
 
+def world_pairs(policy, tokenizer, problems: list, *, k: int, temperature: float, seed: int) -> tuple[list[dict], float]:
+    """Preference pairs on built-in world problems from the policy's own samples, judged by the gold checker
+    (chosen right, rejected wrong; `world.preference_pairs`), and the share of samples that were right.
+    `llm reward` and `llm dpo` both learn from these pairs."""
+    prompts = render_prompts(tokenizer, [[world.user(p.question)] for p in problems])
+    samples = generate_batch(policy, tokenizer, [q for q in prompts for _ in range(k)], max_new_tokens=6,
+                             temperature=temperature, generator_seed=seed)
+    # A sample cut off by the length limit never ended: neither a fair chosen nor a fair rejected.
+    # Strip the decoded text: the chat template puts its own space before the content.
+    texts = [[s.text.strip() for s in samples[i * k:(i + 1) * k] if s.ended] for i in range(len(problems))]
+    right = sum(world.gold_check(problems[i // k].question, s.text, s.ended) for i, s in enumerate(samples))
+    return world.preference_pairs(problems, seed=seed, samples=texts), right / max(len(samples), 1)
+
+
+@torch.no_grad()
+def kl_to_reference(policy, reference, tokenizer, prompts: list[str], *, max_new_tokens: int, seed: int) -> float:
+    """Mean KL(π(y|x) || π_ref(y|x)) in nats per response, over responses sampled from π at temperature 1:
+    exact per token (a sum over the vocabulary), summed along each response (the chain rule of KL).
+    `reference` None: the policy is a peft model whose reference is its adapter disabled."""
+    with torch.random.fork_rng():  # the training run's random stream is left where it was
+        samples = generate_batch(policy, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=1.0,
+                                 generator_seed=seed)
+    enc = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    seqs = [e + s.token_ids for e, s in zip(enc, samples)]
+    T = max(len(s) for s in seqs)
+    device = next(policy.parameters()).device
+    ids = torch.full((len(seqs), T), tokenizer.pad_token_id or 0, dtype=torch.long, device=device)  # (B, T)
+    attn = torch.zeros((len(seqs), T), dtype=torch.long, device=device)
+    resp = torch.zeros((len(seqs), T), dtype=torch.bool, device=device)  # (B, T) next token is a response token
+    for i, (e, s) in enumerate(zip(enc, seqs)):
+        ids[i, : len(s)] = torch.tensor(s, device=device)
+        attn[i, : len(s)] = 1
+        resp[i, len(e) - 1 : len(s) - 1] = True
+    was = policy.training
+    policy.eval()
+    try:
+        lp = torch.log_softmax(policy(input_ids=ids, attention_mask=attn).logits.float(), -1)  # (B, T, V)
+        if reference is None:
+            with policy.disable_adapter():
+                lq = torch.log_softmax(policy(input_ids=ids, attention_mask=attn).logits.float(), -1)
+        else:
+            lq = torch.log_softmax(reference(input_ids=ids, attention_mask=attn).logits.float(), -1)
+    finally:
+        policy.train(was)
+    kl_tok = (lp.exp() * (lp - lq)).sum(-1)  # (B, T) exact KL(π(·|s_t) || π_ref(·|s_t))
+    return (kl_tok * resp).sum().item() / max(len(seqs), 1)
+
+
 def check_context(info, prompt_tokens: int, max_new_tokens: int) -> None:
     """The prompt and the tokens to generate must fit the model's context (its config's position count)."""
     from lifecycle import guard

@@ -85,7 +85,7 @@ def test_kl_to_reference_is_zero_for_the_same_model_and_positive_otherwise(tiny_
 
     from lifecycle.generate import render_prompts
     from lifecycle.modeling import load_causal_lm
-    from lifecycle.stages.dpo import kl_to_reference
+    from lifecycle.generate import kl_to_reference
 
     a, b = load_causal_lm(str(tiny_base)).eval(), load_causal_lm(str(tiny_base)).eval()
     prompts = render_prompts(tiny_tokenizer, [[{"role": "user", "content": f"what is {i} plus 3 ?"}] for i in range(4)])

@@ -30,17 +30,16 @@ import torch
 import trl
 from datasets import Dataset
 
-from lifecycle import artifacts, finetune, guard, training
+from lifecycle import artifacts, finetune, generate, guard, training
 from lifecycle.config import DPOConfig
 from lifecycle.data import formats, world
 from lifecycle.data.files import read_all
 from lifecycle.errors import UsageError
-from lifecycle.generate import generate_batch, gold_accuracy, render_prompts
+from lifecycle.generate import gold_accuracy, kl_to_reference, render_prompts
 from lifecycle.modeling import CAUSAL_HEAD, count_params, describe_trainable, load_causal_lm, load_for_training
 from lifecycle.tokenizer import load_tokenizer
 from lifecycle.training import say
 
-artifacts.STAGE_KIND.setdefault("dpo", artifacts.CAUSAL_LM)  # what a dpo artifact is (a causal LM), for its manifest
 
 
 # ---------------------------------------------------------------------------
@@ -58,53 +57,11 @@ def user_pairs(cfg: DPOConfig) -> tuple[list[dict], list[dict]]:
 def world_pairs(cfg: DPOConfig, policy, tokenizer) -> tuple[list[dict], list[dict], float]:
     """Pairs from the policy's own samples (chosen right, rejected wrong, by the gold checker), as `llm reward`
     builds them; and the share of the training samples that were right."""
-    k = cfg.world_samples
-
-    def pairs_for(problems: list[world.Problem], seed: int) -> tuple[list[dict], float]:
-        prompts = render_prompts(tokenizer, [[world.user(p.question)] for p in problems])
-        samples = generate_batch(policy, tokenizer, [q for q in prompts for _ in range(k)], max_new_tokens=6,
-                                 temperature=cfg.sample_temperature, generator_seed=seed)
-        # A sample cut off by the length limit never ended: neither a fair chosen nor a fair rejected.
-        texts = [[s.text.strip() for s in samples[i * k:(i + 1) * k] if s.ended] for i in range(len(problems))]
-        right = sum(world.gold_check(problems[i // k].question, s.text, s.ended) for i, s in enumerate(samples))
-        return world.preference_pairs(problems, seed=seed, samples=texts), right / max(len(samples), 1)
-
-    train, share = pairs_for(world.reward_problems(cfg.world_prompts, seed=cfg.seed), cfg.seed)
-    held = pairs_for(world.heldout_problems(cfg.eval_problems), cfg.seed + 1)[0] if cfg.eval_problems else []
+    train, share = generate.world_pairs(policy, tokenizer, world.reward_problems(cfg.world_prompts, seed=cfg.seed),
+                                        k=cfg.world_samples, temperature=cfg.sample_temperature, seed=cfg.seed)
+    held = generate.world_pairs(policy, tokenizer, world.heldout_problems(cfg.eval_problems), k=cfg.world_samples,
+                                temperature=cfg.sample_temperature, seed=cfg.seed + 1)[0] if cfg.eval_problems else []
     return train, held, share
-
-
-# ---------------------------------------------------------------------------
-# Held-out measures beside TRL's: KL to the reference
-# ---------------------------------------------------------------------------
-@torch.no_grad()
-def kl_to_reference(policy, reference, tokenizer, prompts: list[str], *, max_new_tokens: int, seed: int) -> float:
-    """Mean KL(π(y|x) || π_ref(y|x)) in nats per response, over responses sampled from π at temperature 1.
-
-    Exact per token (a sum over the vocabulary) and summed along each sampled
-    response: by the chain rule of KL an unbiased, low-variance estimate of the
-    sequence-level KL, as `llm ppo` measures it.
-    """
-    samples = generate_batch(policy, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=1.0,
-                             generator_seed=seed)
-    enc = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    seqs = [e + s.token_ids for e, s in zip(enc, samples)]
-    T = max(len(s) for s in seqs)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ids = torch.full((len(seqs), T), pad, dtype=torch.long)  # (B, T) right-padded prompt + response
-    attn = torch.zeros((len(seqs), T), dtype=torch.long)
-    resp = torch.zeros((len(seqs), T), dtype=torch.bool)  # (B, T) positions whose next token is a response token
-    for i, (e, s) in enumerate(zip(enc, seqs)):
-        ids[i, : len(s)] = torch.tensor(s)
-        attn[i, : len(s)] = 1
-        resp[i, len(e) - 1 : len(s) - 1] = True
-    device = next(policy.parameters()).device
-    ids, attn, resp = ids.to(device), attn.to(device), resp.to(device)
-    lp = torch.log_softmax(policy(input_ids=ids, attention_mask=attn).logits.float(), -1)  # (B, T, V)
-    lq = torch.log_softmax(reference(input_ids=ids, attention_mask=attn).logits.float(), -1)
-    kl_tok = (lp.exp() * (lp - lq)).sum(-1)  # (B, T) exact KL(π(·|s_t) || π_ref(·|s_t))
-    total = (kl_tok * resp).sum().item()
-    return total / max(len(seqs), 1)
 
 
 def run(cfg: DPOConfig) -> Path:

@@ -48,7 +48,7 @@ from lifecycle.config import GRPOConfig, PPOConfig
 from lifecycle.data import world
 from lifecycle.data.prompts import Prompts, as_user_turns, load_prompts
 from lifecycle.errors import UsageError
-from lifecycle.generate import generate_batch, gold_accuracy, render_prompts, stop_ids
+from lifecycle.generate import generate_batch, gold_accuracy, kl_to_reference, render_prompts, stop_ids
 from lifecycle.modeling import CAUSAL_HEAD, count_params, describe_trainable, load_causal_lm, load_for_training
 from lifecycle.reward_model import load_reward_model, score
 from lifecycle.roles import check_reward_artifact
@@ -56,7 +56,6 @@ from lifecycle.tokenizer import load_tokenizer
 from lifecycle.training import say
 from lifecycle.watchdog import Watchdog
 
-artifacts.STAGE_KIND.setdefault("grpo", artifacts.CAUSAL_LM)  # what a grpo artifact is (a causal LM), for its manifest
 
 # TRL's reward-function form: (prompts, completions, completion_ids, **kw) -> one float per completion.
 RewardFn = Callable[..., list]
@@ -167,39 +166,6 @@ class HeldOut:
     rendered: list[str]  # the same through the chat template
     problems: list | None  # as world problems (gold checker), else None
 
-
-@torch.no_grad()
-def kl_to_reference(policy, reference, tokenizer, prompts: list[str], *, max_new_tokens: int, seed: int) -> float:
-    """Mean KL(π(y|x) || π_ref(y|x)) in nats per response, over responses sampled from π at temperature 1:
-    exact per token (a sum over the vocabulary), summed along each response (the chain rule of KL).
-    `reference` None: the policy is a peft model whose reference is its adapter disabled."""
-    with torch.random.fork_rng():  # the training run's random stream is left where it was
-        samples = generate_batch(policy, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=1.0,
-                                 generator_seed=seed)
-    enc = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    seqs = [e + s.token_ids for e, s in zip(enc, samples)]
-    T = max(len(s) for s in seqs)
-    device = next(policy.parameters()).device
-    ids = torch.full((len(seqs), T), tokenizer.pad_token_id or 0, dtype=torch.long, device=device)  # (B, T)
-    attn = torch.zeros((len(seqs), T), dtype=torch.long, device=device)
-    resp = torch.zeros((len(seqs), T), dtype=torch.bool, device=device)  # (B, T) next token is a response token
-    for i, (e, s) in enumerate(zip(enc, seqs)):
-        ids[i, : len(s)] = torch.tensor(s, device=device)
-        attn[i, : len(s)] = 1
-        resp[i, len(e) - 1 : len(s) - 1] = True
-    was = policy.training
-    policy.eval()
-    try:
-        lp = torch.log_softmax(policy(input_ids=ids, attention_mask=attn).logits.float(), -1)  # (B, T, V)
-        if reference is None:
-            with policy.disable_adapter():
-                lq = torch.log_softmax(policy(input_ids=ids, attention_mask=attn).logits.float(), -1)
-        else:
-            lq = torch.log_softmax(reference(input_ids=ids, attention_mask=attn).logits.float(), -1)
-    finally:
-        policy.train(was)
-    kl_tok = (lp.exp() * (lp - lq)).sum(-1)  # (B, T) exact KL(π(·|s_t) || π_ref(·|s_t))
-    return (kl_tok * resp).sum().item() / max(len(seqs), 1)
 
 
 @torch.no_grad()

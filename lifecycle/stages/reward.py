@@ -31,12 +31,11 @@ import trl
 from datasets import Dataset
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from lifecycle import artifacts, finetune, guard, training
+from lifecycle import artifacts, finetune, generate, guard, training
 from lifecycle.config import RewardConfig
 from lifecycle.data import formats, world
 from lifecycle.data.files import read_all
 from lifecycle.errors import UsageError
-from lifecycle.generate import generate_batch, render_prompts
 from lifecycle.modeling import REWARD_HEAD, count_params, describe_trainable, load_causal_lm, load_for_training
 from lifecycle.reward_model import encode, pairwise_accuracy, score_tokens
 from lifecycle.tokenizer import load_tokenizer
@@ -54,19 +53,11 @@ def world_pairs(cfg: RewardConfig, base_path: str, tokenizer) -> tuple[list[dict
     policy = load_causal_lm(base_path)
     k = cfg.world_samples
 
-    def pairs_for(problems: list[world.Problem], seed: int) -> tuple[list[dict], float]:
-        prompts = render_prompts(tokenizer, [[world.user(p.question)] for p in problems])
-        samples = generate_batch(policy, tokenizer, [q for q in prompts for _ in range(k)], max_new_tokens=6,
-                                 temperature=cfg.sample_temperature, generator_seed=seed)
-        # Samples cut off by the length limit never ended; they are neither a fair chosen nor rejected.
-        # Strip the decoded text: the chat template puts its own space before the content.
-        texts = [[s.text.strip() for s in samples[i * k:(i + 1) * k] if s.ended] for i in range(len(problems))]
-        right = sum(world.gold_check(problems[i // k].question, s.text, s.ended) for i, s in enumerate(samples))
-        return world.preference_pairs(problems, seed=seed, samples=texts), right / max(len(samples), 1)
-
     t = time.perf_counter()
-    train, acc_train = pairs_for(world.reward_problems(cfg.world_prompts, seed=cfg.seed), cfg.seed)
-    held, _ = pairs_for(world.heldout_problems(cfg.eval_problems), cfg.seed + 1)
+    train, acc_train = generate.world_pairs(policy, tokenizer, world.reward_problems(cfg.world_prompts, seed=cfg.seed),
+                                            k=k, temperature=cfg.sample_temperature, seed=cfg.seed)
+    held, _ = generate.world_pairs(policy, tokenizer, world.heldout_problems(cfg.eval_problems), k=k,
+                                   temperature=cfg.sample_temperature, seed=cfg.seed + 1)
     say(f"reward: sampled {k} responses per prompt from {cfg.base} at temperature {cfg.sample_temperature} "
         f"({acc_train:.1%} correct) in {time.perf_counter() - t:.0f}s")
     del policy
