@@ -29,7 +29,7 @@ from lifecycle.config import (STAGE_CONFIGS, DataConfig, EstimateMemoryConfig, E
 from lifecycle.errors import Interrupted, StageRegressed, TrainingDiverged, UsageError
 
 app = typer.Typer(
-    help="Train a language model through its whole life: pretrain, sft, reward, ppo; estimate memory first.",
+    help="Train a language model through its whole life: data, pretrain, sft, reward, ppo | grpo | dpo, eval, sweep; estimate memory first.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
