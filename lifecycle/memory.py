@@ -359,6 +359,7 @@ def estimate(
     gpu_memory: int | None = None,
     name: str = "model",
     rollout_batch_size: int | None = None,
+    absent_roles: tuple[str, ...] = (),
 ) -> Estimate:
     """Predict per-GPU memory of one training step (or inference) of `config`.
 
@@ -370,6 +371,8 @@ def estimate(
     so the forward holds none; None (unknown) or > 1 counts them through the whole step.
     `rollout_batch_size` (ppo, grpo): sequences sampled at once, whose KV cache the rollout holds
     (PPO's `rollout_micro_batch_size`, else its rollout batch per process); None: `batch_size`.
+    `absent_roles` (dpo, grpo): frozen roles the run does not load ("reference" with GRPO's kl_coef 0,
+    "reward" with a reward function).
     """
     validate(stage, method, dtype, precision, optimizer, grad_ckpt, attn, zero, gpus, batch_size, seq_len, lora_r,
               device, mp_style)
@@ -381,7 +384,8 @@ def estimate(
     kw = dict(stage=stage, method=method, lora_r=lora_r, dtype=dtype, precision=precision, optimizer=optimizer,
               seq_len=seq_len, grad_ckpt=grad_ckpt, attn=attn, zero=zero, gpus=gpus, device=device, mp_style=mp_style,
               lora_dropout=lora_dropout, lora_targets=tuple(lora_targets) if lora_targets else None, dropout=dropout,
-              grad_accum=grad_accum, name=name, rollout_batch_size=rollout_batch_size)
+              grad_accum=grad_accum, name=name, rollout_batch_size=rollout_batch_size,
+              absent_roles=tuple(absent_roles))
     if sh.arch == "gpt2" and seq_len > sh.max_positions:
         raise UsageError(f"--seq-len {seq_len} exceeds the model's n_positions={sh.max_positions} (GPT-2 has learned "
                          f"positions); pass --seq-len {sh.max_positions} or less")
@@ -415,7 +419,8 @@ def _max_batch(sh: Shape, kw: dict, limit: int) -> int:
 def _estimate(sh: Shape, *, stage: str, method: str, lora_r: int, dtype: str, precision: str | None, optimizer: str,
               batch_size: int, seq_len: int, grad_ckpt: str, attn: str, zero: int, gpus: int, device: str,
               mp_style: str | None, lora_dropout: float, lora_targets: tuple | None, dropout: bool, name: str,
-              grad_accum: int | None = None, rollout_batch_size: int | None = None) -> Estimate:
+              grad_accum: int | None = None, rollout_batch_size: int | None = None,
+              absent_roles: tuple[str, ...] = ()) -> Estimate:
     regime, style = regime_of(dtype, precision, zero, mp_style)
     half = DTYPES[dtype] if regime != "fp32" else 4
     roles_all = LORA_ROLES.get(sh.arch, ("linear",))
@@ -455,6 +460,7 @@ def _estimate(sh: Shape, *, stage: str, method: str, lora_r: int, dtype: str, pr
             model_list += [("critic", True, "score"), ("reference", False, "lm"), ("reward", False, "score")]
         if stage in ("dpo", "grpo"):  # DPO: the frozen reference; GRPO: also a reward model (with --reward)
             model_list += [("reference", False, "lm")] + ([("reward", False, "score")] if stage == "grpo" else [])
+            model_list = [m for m in model_list if m[0] not in absent_roles]
         states = {k: 0 for k in STATE_ROWS}   # ddp_buckets_bytes is filled in below
         step_temp, largest_layer = 0, 0
         fwd_phases = []
@@ -561,7 +567,7 @@ def _estimate(sh: Shape, *, stage: str, method: str, lora_r: int, dtype: str, pr
                                             "states, one 4096 x 32768 logits tile, chunk casts); sft keeps no logits")
         if stage == "dpo":
             warnings.append("dpo: chosen and rejected run in one forward, so activations are for 2 x batch")
-        if stage == "grpo":
+        if stage == "grpo" and not absent_roles:
             warnings.append("grpo: counts a reference (none with kl_coef 0) and a reward model (none with --reward-fn)")
         if stage == "reward":
             notes["logits_bytes"] = "pooled reward scores held by the output"

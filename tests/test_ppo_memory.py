@@ -38,3 +38,14 @@ def test_explain_uses_the_rollout_chunk(tiny_base, tmp_path, tmp_path_factory, t
     whole = explain(build_config(PPOConfig, None, base))
     chunked = explain(build_config(PPOConfig, None, {**base, "rollout_micro_batch_size": 8}))
     assert "for 32 sequences sampled at once" in whole and "for 8 sequences sampled at once" in chunked
+
+
+def test_grpo_counts_only_the_roles_it_loads():
+    """GRPO with kl_coef 0 loads no reference, and with a reward function no reward model: neither is counted."""
+    cfg, _ = presets.load_model_config("llama-2-7b")
+    full = memory.estimate(cfg, stage="grpo", batch_size=2, seq_len=512)
+    lean = memory.estimate(cfg, stage="grpo", batch_size=2, seq_len=512, absent_roles=("reference", "reward"))
+    roles = {r["role"]: r["bytes"] for r in full.roles}
+    assert [r["role"] for r in lean.roles] == ["policy"]
+    assert full.rows["params_bytes"] - lean.rows["params_bytes"] == roles["reference"] + roles["reward"]
+    assert not any("counts a reference" in w for w in lean.warnings)
