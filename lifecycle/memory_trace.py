@@ -135,8 +135,9 @@ def _model_class(head: str):
     return AutoModelForSequenceClassification if head == "score" else AutoModelForCausalLM
 
 
-def build_fake(cfg: dict, *, head: str, attn: str, pdt: int, mode: FakeTensorMode):
-    """The model on fake tensors (inside `mode`); eager attention where the class has no SDPA."""
+def build_fake(cfg: dict, *, head: str, attn: str, pdt: int, mode):
+    """The model built inside `mode` (a FakeTensorMode for a trace, the meta device for a parameter table);
+    eager attention where the class has no SDPA."""
     cls = _model_class(head)
     for impl in dict.fromkeys((attn, "eager")):
         conf = hf_config(cfg, attn=impl, head=head)
@@ -426,10 +427,16 @@ def trace(cfg: dict, st: Settings, b: int, s: int, per_layer: bool = False) -> d
     return out
 
 
+def _meta_device():
+    """Where the parameter tables are built: the meta device (shapes, dtypes and tied identities, no storage).
+    Only the activation trace needs fake tensors; building every table under a FakeTensorMode as well crashed
+    long-lived processes (torch 2.13, segfault inside FakeTensor.__new__ after many builds)."""
+    return torch.device("meta")
+
+
 @functools.lru_cache(maxsize=16)
 def _params_cached(cfg_json: str, head: str) -> tuple:
-    mode = _fake_mode()
-    model, _ = build_fake(json.loads(cfg_json), head=head, attn="sdpa", pdt=4, mode=mode)
+    model, _ = build_fake(json.loads(cfg_json), head=head, attn="sdpa", pdt=4, mode=_meta_device())
     conf = text_config(model.config)
     return tuple(param_specs(model, head)), _dims(conf)
 
@@ -442,7 +449,7 @@ def params(cfg: dict, head: str = "lm") -> tuple[list[ParamSpec], dict]:
 
 @functools.lru_cache(maxsize=16)
 def _lora_cached(cfg_json: str, head: str, r: int) -> tuple:
-    mode = _fake_mode()
+    mode = _meta_device()
     model, _ = build_fake(json.loads(cfg_json), head=head, attn="sdpa", pdt=4, mode=mode)
     st = Settings(head=head, method="lora", pdt=4, adt=4, half=2, autocast=False, attn="sdpa", ckpt=False, lora_r=r,
                   lora_dropout=0.0)
