@@ -806,7 +806,7 @@ STAGE_CONFIGS: dict[str, type] = {"pretrain": PretrainConfig, "sft": SFTConfig, 
 class SweepConfig:
     """`llm sweep`: run one stage many times under Optuna (TPE, random or grid), pruning bad trials early; each trial is a normal artifact."""
 
-    stage: str = opt(..., "The stage each trial runs: pretrain | sft | reward | ppo.", argument=True)
+    stage: str = opt(..., "The stage each trial runs: pretrain | sft | reward | ppo | dpo | grpo.", argument=True)
     space: str = opt("", "Search space YAML (required): the options to search, the objective metric and its direction (docs/sweep.md).")
     out: str = opt("", "Sweep directory (required): OUT/trial-N per trial, OUT/sweep.md, OUT/best.yaml, OUT/plots, OUT/study.db.")
     recipe: str = opt("", "Stage recipe YAML every trial starts from; the space's values override it.", flag="--config")

@@ -77,6 +77,9 @@ METRICS: dict[str, dict[str, str]] = {
             "gold_accuracy_nocarry": "maximize", "train_seconds": "minimize"},
     "reward": {"eval_accuracy": "maximize", "eval_margin": "maximize", "train_seconds": "minimize"},
     "ppo": {"score": "maximize", "gold_accuracy": "maximize", "kl": "minimize", "train_seconds": "minimize"},
+    "dpo": {"gold_accuracy": "maximize", "eval_accuracy": "maximize", "eval_margin": "maximize", "eval_loss": "minimize",
+            "kl": "minimize", "train_seconds": "minimize"},
+    "grpo": {"gold_accuracy": "maximize", "score": "maximize", "kl": "minimize", "train_seconds": "minimize"},
 }
 SPACE_KEYS = ("params", "objective", "direction", "fixed", "budget", "trials", "sampler", "pruner", "pruner_startup", "stage")
 NOT_SEARCHABLE = ("out", "resume")

@@ -205,7 +205,7 @@ def test_bad_sweep_options_exit_2(tmp_path, capsys):
     from lifecycle import cli
 
     (tmp_path / "space.yaml").write_text("params: {lr: {low: 1e-3, high: 1e-2}}\n")
-    for args, expected in ((["sweep", "dpo", "--space", "x", "--out", "o"], "stage 'dpo' cannot be swept; expected one of pretrain"),
+    for args, expected in ((["sweep", "data", "--space", "x", "--out", "o"], "stage 'data' cannot be swept; expected one of pretrain"),
                            (["sweep", "pretrain", "--space", str(tmp_path / "space.yaml"), "--out", "o", "--workers", "0"], "workers=0"),
                            (["sweep", "pretrain", "--space", str(tmp_path / "space.yaml"), "--out", "o", "--gpu-memory", "lots"], "--gpu-memory lots")):
         capsys.readouterr()
@@ -213,6 +213,14 @@ def test_bad_sweep_options_exit_2(tmp_path, capsys):
             _cli(cli, args)
         err = capsys.readouterr().err
         assert e.value.code == 2 and err.count("\n") == 1 and expected in err, err
+
+
+def test_every_sweepable_stage_names_its_metrics():
+    """Each stage a sweep accepts has objectives, the first being the held-out metric its manifest records."""
+    from lifecycle.config import STAGE_CONFIGS
+
+    assert set(sweep.METRICS) == set(STAGE_CONFIGS)
+    assert next(iter(sweep.METRICS["dpo"])) == "gold_accuracy" and next(iter(sweep.METRICS["grpo"])) == "gold_accuracy"
 
 
 def test_report_hook_is_a_no_op_outside_a_sweep():
