@@ -26,10 +26,11 @@ demo: install
 	$(BIN)/llm run --out $(OUT)
 
 # Tests use tiny models: one thread per process is as fast and does not thrash
-# when a test runs several processes at once. Two pytest workers, one per core
-# (each test file stays on one worker, so its module fixtures are built once).
+# when a test runs several processes at once. Two pytest workers, one per core;
+# an idle worker takes tests waiting on the other (worksteal), so one long test
+# file no longer holds the end of the run. The ten slowest tests are listed.
 test: install
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 --dist loadfile tests
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 --dist worksteal --durations=10 tests
 
 bench: install
 	$(BIN)/python bench/pretrain.py
