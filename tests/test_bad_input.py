@@ -141,20 +141,50 @@ if "grpo" in COMMANDS:
     CASES.append(("grpo-missing-policy", "grpo --policy {d}/nope --reward-fn gold --out {d}/o", "does not exist"))
 
 
+def _main_in_process(args: list[str], capsys) -> tuple[int, str]:
+    """`llm ARGS` through the CLI's own entry point in this process (exit code, stderr): the same code path as the
+    command line without paying a Python and torch start-up per case. An exception that escapes `main` would be
+    a traceback on the command line; here it fails the test with that traceback."""
+    from lifecycle import cli
+
+    old = sys.argv
+    sys.argv = ["llm", *args]
+    capsys.readouterr()
+    try:
+        cli.main()
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        sys.argv = old
+    return code, capsys.readouterr().err
+
+
 @pytest.mark.parametrize("name,argv,needle", CASES, ids=[c[0] for c in CASES])
-def test_bad_input(world, name, argv, needle):
+def test_bad_input(world, name, argv, needle, capsys):
     before = snapshot(world)
     args = [a.format(d=world) for a in argv.split()]
-    r = subprocess.run([sys.executable, "-m", "lifecycle", *args], capture_output=True, text=True, timeout=180)
-    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    assert r.returncode == 2, (r.returncode, r.stderr[-1500:])
-    assert "Traceback" not in r.stderr, r.stderr[-1500:]
+    code, stderr = _main_in_process(args, capsys)
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    assert code == 2, (code, stderr[-1500:])
+    assert "Traceback" not in stderr, stderr[-1500:]
     errors = [ln for ln in lines if ln.startswith("error: ")]
-    assert len(errors) == 1, r.stderr[-1500:]
+    assert len(errors) == 1, stderr[-1500:]
     assert needle.lower() in errors[0].lower(), errors[0]
     after = snapshot(world)
     assert after == before, ("a failed run changed the disk: new " + str(sorted(after.keys() - before.keys())) +
                              ", changed " + str(sorted(k for k in before if k in after and before[k] != after[k])))
+
+
+@pytest.mark.parametrize("name", ["pretrain-unknown-model", "sft-missing-base", "memory-negative-batch"])
+def test_bad_input_from_the_command_line(world, name):
+    """A few cases as a user meets them: a fresh `python -m lifecycle` process, its exit status and stderr."""
+    argv, needle = next((a, n) for c, a, n in CASES if c == name)
+    r = subprocess.run([sys.executable, "-m", "lifecycle", *[a.format(d=world) for a in argv.split()]],
+                       capture_output=True, text=True, timeout=180)
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error: ")]
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(errors) == 1, r.stderr[-1500:]
+    assert needle.lower() in errors[0].lower(), errors[0]
 
 
 def test_every_command_has_a_bad_input_case():

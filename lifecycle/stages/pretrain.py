@@ -100,6 +100,11 @@ def _preflight(cfg: PretrainConfig) -> Path | None:
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {cfg.out} is a file; give a directory path")
+    # The model's name and context need no corpus: refuse them before reading data or training a tokenizer.
+    probe = model_config(cfg.model, max(cfg.vocab_size, 2), 0, 1)
+    if cfg.seq_len > context_length(probe):
+        raise UsageError(f"seq_len={cfg.seq_len} exceeds the model's context of {context_length(probe)} positions; "
+                         "lower seq_len or pick a larger model")
     if cfg.resume:
         return checkpoints.resume_checkpoint(cfg, warn=say)
     if cfg.tokenizer and not Path(cfg.tokenizer).exists():
