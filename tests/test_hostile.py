@@ -139,6 +139,8 @@ CASES = [
     # checksums with --verify
     ("sft-verify-flipped-byte", "sft --base {d}/flipped --out {d}/o --verify", "checksum"),
     ("ppo-verify-flipped-byte", "ppo --policy {d}/flipped --reward {d}/rm --out {d}/o --verify", "checksum"),
+    ("dpo-verify-flipped-byte", "dpo --base {d}/flipped --out {d}/o --verify", "checksum"),
+    ("grpo-verify-flipped-byte", "grpo --policy {d}/flipped --reward-fn gold --out {d}/o --verify", "checksum"),
 ]
 
 

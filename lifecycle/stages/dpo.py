@@ -75,7 +75,7 @@ def _run(cfg: DPOConfig) -> Path:
     out = Path(cfg.out)
 
     # 1. Inputs ------------------------------------------------------------
-    info = artifacts.check_artifact(cfg.base, artifacts.CAUSAL_LM, "--base")
+    info = artifacts.check_artifact(cfg.base, artifacts.CAUSAL_LM, "--base", verify=cfg.verify)
     resuming = finetune.check_resume(cfg)
     training.check_tracker(cfg)
     training.check_memory(cfg, info, "dpo")

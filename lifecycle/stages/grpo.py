@@ -77,12 +77,12 @@ TrlGRPOArgs.__name__ = "GRPOConfig"  # attach_progress names the TensorBoard dir
 # ---------------------------------------------------------------------------
 def check_policy(cfg: GRPOConfig) -> Artifact:
     try:
-        return artifacts.check_artifact(cfg.base, artifacts.CAUSAL_LM, "--policy")
-    except UsageError:
+        return artifacts.check_artifact(cfg.base, artifacts.CAUSAL_LM, "--policy", verify=cfg.verify)
+    except UsageError as first:
         try:
             artifacts.check_artifact(cfg.base, artifacts.REWARD_MODEL, "--policy")
         except UsageError:
-            raise
+            raise first from None  # not a reward model either: the causal-LM check's reason (e.g. a checksum) stands
         raise UsageError(f"--policy {cfg.base} is a reward model; pass the causal LM to improve as --policy "
                          f"(e.g. runs/default/sft) and the reward model as --reward") from None
 
