@@ -190,6 +190,16 @@ def check_context(source: Any, tokens: int, what: str, fix: str) -> None:
         raise UsageError(f"{what} ({tokens} tokens) exceeds the model's context of {context} positions; {fix}")
 
 
+def before_loading(cfg: Any, info: Any, stage: str, **estimate_kw: Any) -> None:
+    """The checks a stage makes on its input before loading any weights: the memory estimate (refusing a run
+    that will not fit the GPU), free disk for its checkpoints and artifact, and the LoRA target names."""
+    from lifecycle import training
+
+    training.check_memory(cfg, info, stage, **estimate_kw)
+    check_disk(cfg, info)
+    check_lora_targets(cfg, info)
+
+
 def check_lora_targets(cfg: Any, source: Any) -> None:
     """Every name in lora_target_modules must name modules of the model (read from its safetensors headers);
     peft would otherwise stop with a traceback after the weights have loaded."""

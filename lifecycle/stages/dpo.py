@@ -78,9 +78,7 @@ def _run(cfg: DPOConfig) -> Path:
     info = artifacts.check_artifact(cfg.base, artifacts.CAUSAL_LM, "--base", verify=cfg.verify)
     resuming = finetune.check_resume(cfg)
     training.check_tracker(cfg)
-    training.check_memory(cfg, info, "dpo")
-    guard.check_disk(cfg, info)
-    guard.check_lora_targets(cfg, info)
+    guard.before_loading(cfg, info, "dpo")
     builtin = not cfg.data
     train_pairs, eval_pairs = ([], []) if builtin else user_pairs(cfg)
 

@@ -318,10 +318,8 @@ def _run(cfg: GRPOConfig) -> Path:
     if longest + cfg.max_new_tokens > cfg.max_length:
         raise UsageError(f"the longest prompt is {longest} tokens, with max_new_tokens={cfg.max_new_tokens} over "
                          f"max_length={cfg.max_length}; raise max_length or shorten the prompts")
-    training.check_memory(cfg, info, "grpo", seq_len=longest + cfg.max_new_tokens,
-                          absent_roles=(("reference",) if cfg.kl_coef == 0 else ()) + (() if cfg.reward else ("reward",)))
-    guard.check_disk(cfg, info)
-    guard.check_lora_targets(cfg, info)
+    guard.before_loading(cfg, info, "grpo", seq_len=longest + cfg.max_new_tokens,
+                         absent_roles=(("reference",) if cfg.kl_coef == 0 else ()) + (() if cfg.reward else ("reward",)))
     say(f"grpo: prompts: {prompts.about}")
 
     # 3. Model -------------------------------------------------------------

@@ -119,9 +119,7 @@ def _run(cfg: RewardConfig) -> Path:
     init = artifacts.check_artifact(cfg.init_from, artifacts.CAUSAL_LM, "--init-from", verify=cfg.verify) if cfg.init_from else info
     resuming = finetune.check_resume(cfg)
     training.check_tracker(cfg)
-    training.check_memory(cfg, info, "reward")
-    guard.check_disk(cfg, info)
-    guard.check_lora_targets(cfg, info)
+    guard.before_loading(cfg, info, "reward")
     builtin = not cfg.data
     train_pairs, eval_pairs = ([], []) if builtin else user_pairs(cfg)
 

@@ -135,9 +135,7 @@ def _run(cfg: SFTConfig) -> Path:
     cfg.max_length = finetune.inherit_max_length(cfg, info)  # 0: the parent's training length
     resuming = finetune.check_resume(requested)
     training.check_tracker(cfg)
-    training.check_memory(cfg, info, "sft")
-    guard.check_disk(cfg, info)
-    guard.check_lora_targets(cfg, info)
+    guard.before_loading(cfg, info, "sft")
     shape, train_rows, eval_rows = load_rows(cfg)
     builtin = not cfg.data
     say(f"sft: {len(train_rows)} training rows ({shape}{', built-in world' if builtin else ''}), {len(eval_rows)} held out")
