@@ -259,6 +259,7 @@ class PretrainConfig(TrainCommon):
     # --- tokenizer ---
     tokenizer: str = opt("", "Reuse this tokenizer (directory or hub id) instead of training a new one.")
     vocab_size: int = opt(512, "Vocabulary size of the byte-level BPE tokenizer trained on the corpus.")
+    vocab_multiple: int = opt(1, "Round the model's vocabulary up to a multiple of this (64 on a GPU: the output layer's matmul then runs on whole tensor-core tiles, as nanoGPT's 50304 for GPT-2's 50257); the extra rows are never a token.")
     # --- model ---
     model: str = opt("llama-tiny", "A preset name (an unknown name lists them all) or a path to a transformers config.json.")
     seq_len: int = opt(64, "Tokens per training block (documents are joined with EOS and packed).")
@@ -281,7 +282,7 @@ class PretrainConfig(TrainCommon):
 
     def validate(self) -> list[str]:
         p = super().validate()
-        p += _at_least_one(self, ("seq_len", "batch_size", "grad_accum", "vocab_size", "eval_every", "eval_batches"))
+        p += _at_least_one(self, ("seq_len", "batch_size", "grad_accum", "vocab_size", "vocab_multiple", "eval_every", "eval_batches"))
         if not 0 < self.lr < 1:
             p.append(f"lr={self.lr}; expected a value in (0, 1)")
         if not 0 <= self.min_lr <= self.lr:

@@ -206,11 +206,19 @@ def test_gpt2_preset_and_user_text_file(tmp_path):
     data = tmp_path / "corpus.txt"
     data.write_text("\n\n".join(f"the cat number {i} sat on mat {i % 7} ." for i in range(200)))
     out = tmp_path / "gpt2"
-    pretrain.run(_cfg(out, model="gpt2-micro", data=[str(data)], steps=4, eval_every=4))
+    pretrain.run(_cfg(out, model="gpt2-micro", data=[str(data)], steps=4, eval_every=4, vocab_multiple=64))
     m = read_manifest(out)
     samples = [r["sample"] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "sample" in r]
     assert samples and all(s.startswith("the cat number") for s in samples)  # a held-out document's start
-    assert json.loads((out / "config.json").read_text())["model_type"] == "gpt2"
+    conf = json.loads((out / "config.json").read_text())
+    assert conf["model_type"] == "gpt2"
+    # vocab_multiple: the model's rows round the tokenizer's size up to whole tiles, and stock transformers
+    # loads the artifact with its padded output layer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    n_tok = len(AutoTokenizer.from_pretrained(out))
+    assert conf["vocab_size"] % 64 == 0 and n_tok <= conf["vocab_size"] < n_tok + 64
+    assert AutoModelForCausalLM.from_pretrained(out).get_output_embeddings().weight.shape[0] == conf["vocab_size"]
     assert "heldout_completion_accuracy" not in m["metrics"]
 
 

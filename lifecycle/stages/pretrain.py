@@ -174,7 +174,8 @@ def _run(cfg: PretrainConfig) -> Path:
         f"{len(eval_blocks)} held-out blocks, in {time.perf_counter() - t0:.1f}s")
 
     # -- 4. model and optimizer ------------------------------------------------
-    mconf = model_config(cfg.model, len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id)
+    vocab = -(-len(tokenizer) // cfg.vocab_multiple) * cfg.vocab_multiple  # rounded up: whole tensor-core tiles
+    mconf = model_config(cfg.model, vocab, tokenizer.eos_token_id, tokenizer.pad_token_id)
     if cfg.seq_len > context_length(mconf):
         raise UsageError(f"seq_len={cfg.seq_len} exceeds the model's context of {context_length(mconf)} positions; lower seq_len or pick a larger model")
     training.check_memory(cfg, mconf.to_dict(), "pretrain", gpus=acc.num_processes)
@@ -188,7 +189,8 @@ def _run(cfg: PretrainConfig) -> Path:
     _, n_params = count_params(model)
     if acc.is_main_process:
         training.check_disk(out, n_params, cfg.keep_checkpoints)
-    say(f"model: {cfg.model} ({mconf.model_type}), {n_params / 1e6:.2f}M parameters, vocab {mconf.vocab_size}")
+    padded = f" ({len(tokenizer)} tokens, padded)" if mconf.vocab_size != len(tokenizer) else ""
+    say(f"model: {cfg.model} ({mconf.model_type}), {n_params / 1e6:.2f}M parameters, vocab {mconf.vocab_size}{padded}")
     # AdamW's multi-tensor (foreach) path: the same arithmetic as the per-parameter loop, bit for bit on the CPU,
     # in a few calls per step instead of a dozen per parameter. On a GPU the fused kernel (one launch per step,
     # not bit-equal to the loop) is the standard fast path.
@@ -268,6 +270,7 @@ def _run(cfg: PretrainConfig) -> Path:
     recipe = checkpoints.fingerprint(cfg)  # recorded in each checkpoint, checked on resume
     ck_state = {"tokens_seen": tokens_seen, "eval_loss_initial": eval_initial, "train_seconds": train_time, "fingerprint": recipe}
     model.train()
+    pinned = acc.device.type == "cuda"  # page-locked batches copy to the GPU without stalling the host
     meter = training.Throughput(start, total)
     eval_loss = eval_initial
     t_start = time.perf_counter()
@@ -282,7 +285,8 @@ def _run(cfg: PretrainConfig) -> Path:
             micro_losses = []
             for micro in range(cfg.grad_accum):
                 lo = (micro * world + acc.process_index) * cfg.batch_size
-                x = train_blocks[idx[lo : lo + cfg.batch_size]].to(acc.device)
+                x = train_blocks[idx[lo : lo + cfg.batch_size]]
+                x = x.pin_memory().to(acc.device, non_blocking=True) if pinned else x.to(acc.device)
                 sync = micro == cfg.grad_accum - 1
                 ctx = acc.no_sync(model) if not sync else contextlib.nullcontext()
                 with ctx:
