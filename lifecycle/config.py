@@ -205,7 +205,7 @@ class TrlTraining(TrainCommon):
     batch_size: int = opt(32, "Examples per micro-batch per process (reward: preference pairs, two sequences each).")
     grad_accum: int = opt(1, "Micro-batches accumulated into one optimizer step.")
     epochs: float = opt(0.0, "If > 0, train this many passes over the data instead of `steps`.")
-    lr: float = opt(2e-3, "Peak learning rate (a tiny model takes a high one; large models want ~2e-5 full, ~2e-4 LoRA).")
+    lr: float = opt(3e-4, "Peak learning rate (large models want ~2e-5 full, ~2e-4 LoRA).")
     lr_scheduler: str = opt("cosine", "cosine | linear | constant | constant_with_warmup (decay to 0 at the last step).")
     warmup_steps: int = opt(20, "Linear warmup steps from 0 to lr.")
     weight_decay: float = opt(0.0, "AdamW weight decay.")

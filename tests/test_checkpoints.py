@@ -133,7 +133,7 @@ def test_trainer_checkpoints_record_the_recipe_and_check_resume_reads_it(tmp_pat
     assert finetune.check_resume(cfg) is False  # no --resume: nothing checked, nothing removed
     assert (checkpoints.checkpoint_root(out) / "checkpoint-4").exists()
     changed = build_config(SFTConfig, None, {"out": str(out), "base": str(tiny_base), "lr": 1e-4, "resume": True})
-    with pytest.raises(UsageError, match=r"lr=0.002 \(now 0.0001\)"):
+    with pytest.raises(UsageError, match=r"lr=0.0003 \(now 0.0001\)"):
         finetune.check_resume(changed)
     same = build_config(SFTConfig, None, {"out": str(out), "base": str(tiny_base), "resume": True, "log_every": 1})
     assert finetune.check_resume(same) is True
