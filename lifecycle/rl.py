@@ -212,6 +212,24 @@ def kl_loss(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, esti
     return masked_mean(kl_estimate(logp, ref_logp, estimator), mask)
 
 
+def score_normalisation(scores: torch.Tensor, normalize: bool = True) -> dict:
+    """{"mean", "std"} that put the reward model's scores on a unit scale: the first rollout's mean and
+    (unbiased) standard deviation, then held fixed for the whole run, so that a score keeps one meaning
+    while the policy improves (Ziegler et al. 2019 normalise the reward model once, before RL, in the
+    same way). A constant batch or a single score gives std 1; `normalize=False` the identity."""
+    if not normalize:
+        return {"mean": 0.0, "std": 1.0}
+    sd = scores.std().item() if scores.numel() > 1 else 1.0
+    return {"mean": scores.mean().item(), "std": sd if sd > 1e-6 else 1.0}
+
+
+def normalised_scores(scores: torch.Tensor, norm: dict, ended: torch.Tensor, missing_eos_penalty: float) -> torch.Tensor:
+    """The episode reward r(x, y): (score - mean) / std, minus `missing_eos_penalty` for a response that was
+    cut at max_new_tokens before its end marker (TRL's old PPOTrainer's missing_eos_penalty, on the
+    normalised scale here)."""
+    return (scores - norm["mean"]) / norm["std"] - missing_eos_penalty * (~ended).float()
+
+
 def kl_shaped_rewards(
     score: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, beta: float,
     estimator: str = "k1",

@@ -124,7 +124,9 @@ def test_accelerate_configs_parse(path):
 # its behaviour; without those five keys its digest is still 1a903d2bd3131622.
 # (pretrain..ppo re-pinned when TrainCommon gained overwrite=False and verify=False; without those two keys
 # the hashes are the earlier 3d0d2a1ba615f935, 25189e8867f99d90, 532c7507fb00a0ed, 7b3521d3f5ab5596)
-DEFAULTS_SHA256 = {"pretrain": "159fa1ec453bdf4f", "sft": "a29b93c1ac0f6ad3", "reward": "f0bbb0880921edfc",
+# pretrain gained vocab_multiple=1 (no rounding: the same model; without it 159fa1ec453bdf4f); sft's lr went from
+# 2e-3 to 3e-4 (re-tuned on trl 1.16, recipes/default/sft.yaml; with 2e-3 a29b93c1ac0f6ad3).
+DEFAULTS_SHA256 = {"pretrain": "edb978a6daa5055a", "sft": "0bbda8f9f7a63491", "reward": "f0bbb0880921edfc",
                    "ppo": "1a2d15bf70d9c107",
                    # dpo and grpo: their tuned recipes' values (recipes/default/dpo.yaml, grpo.yaml)
                    "dpo": "b27a8d401285f3e5", "grpo": "22a48cab4300437d"}

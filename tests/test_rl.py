@@ -179,3 +179,20 @@ def test_kl_loss_gradients_are_the_kls_they_claim():
     # its value: the masked token mean of the estimator
     lp, rf, m = t([-1.0, -2.0]), t([-1.5, -2.0]), t([1.0, 0.0])
     assert rl.kl_loss(lp, rf, m, "k2").item() == pytest.approx(0.5 * 0.5**2)
+
+
+def test_reward_normalisation_and_the_missing_eos_penalty_by_hand():
+    """Scores 1, 2, 3, 6: mean 3, unbiased std sqrt(14/3); the second response never ended and loses one unit.
+    The normalisation is the first rollout's and stays fixed: a later batch is read on the same scale."""
+    scores = torch.tensor([1.0, 2.0, 3.0, 6.0])
+    ended = torch.tensor([True, False, True, True])
+    norm = rl.score_normalisation(scores)
+    sd = math.sqrt(14 / 3)
+    assert norm["mean"] == pytest.approx(3.0) and norm["std"] == pytest.approx(sd)
+    r = rl.normalised_scores(scores, norm, ended, missing_eos_penalty=1.0)
+    assert torch.allclose(r, torch.tensor([-2 / sd, -1 / sd - 1.0, 0.0, 3 / sd]))
+    later = rl.normalised_scores(torch.tensor([3.0 + sd]), norm, torch.tensor([True]), 1.0)
+    assert later.item() == pytest.approx(1.0)
+    assert rl.score_normalisation(torch.tensor([2.0, 2.0])) == {"mean": 2.0, "std": 1.0}  # constant: no division by 0
+    assert rl.score_normalisation(scores, normalize=False) == {"mean": 0.0, "std": 1.0}
+    assert torch.equal(rl.normalised_scores(scores, {"mean": 0.0, "std": 1.0}, ended, 0.0), scores)

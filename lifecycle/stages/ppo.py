@@ -461,13 +461,11 @@ def _run(cfg: PPOConfig, *, reward_fn: RewardFn | None = None) -> Path:
             # -- 2. normalised score (the first rollout fixes the normalisation), missing-EOS penalty ---
             all_scores = acc.gather(r.scores)
             if st.norm is None:
-                sd = all_scores.std().item() if all_scores.numel() > 1 else 1.0
-                st.norm = ({"mean": all_scores.mean().item(), "std": sd if sd > 1e-6 else 1.0} if cfg.normalize_reward
-                           else {"mean": 0.0, "std": 1.0})
+                st.norm = rl.score_normalisation(all_scores, cfg.normalize_reward)
                 if roles.critic_source == inputs.reward.path:  # the critic reads the reward model's raw scale
                     roles.set_value_scale(st.norm["mean"], st.norm["std"])
                     r.values = (r.values - st.norm["mean"]) / st.norm["std"] * r.response_mask
-            score = (r.scores - st.norm["mean"]) / st.norm["std"] - cfg.missing_eos_penalty * (~r.ended).float()
+            score = rl.normalised_scores(r.scores, st.norm, r.ended, cfg.missing_eos_penalty)
 
             # -- 3-4. KL-shaped rewards, GAE advantages and returns ------------------------------------
             beta = st.kl_ctl.value
