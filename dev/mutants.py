@@ -156,6 +156,12 @@ MUTANTS = [
     Mutant("data-decontam-misses-last-ngram", "llm data's decontamination never looks at a document's last n-gram",
            [("lifecycle/data/prep/steps.py", "for i in range(len(words) - k + 1):", "for i in range(len(words) - k):")],
            ["tests/test_data_prep.py::test_decontamination_matches_across_line_breaks_case_and_punctuation"]),
+    Mutant("ppo-eos-penalty-rewards", "PPO adds the missing-EOS penalty instead of subtracting it",
+           [("lifecycle/rl.py", 'norm["std"] - missing_eos_penalty * (~ended)', 'norm["std"] + missing_eos_penalty * (~ended)')],
+           ["tests/test_rl.py::test_reward_normalisation_and_the_missing_eos_penalty_by_hand"]),
+    Mutant("ppo-norm-biased-std", "PPO's reward normalisation divides by the biased standard deviation",
+           [("lifecycle/rl.py", "sd = scores.std().item()", "sd = scores.std(unbiased=False).item()")],
+           ["tests/test_rl.py::test_reward_normalisation_and_the_missing_eos_penalty_by_hand"]),
 ]
 
 
