@@ -545,7 +545,7 @@ class GRPOConfig(FinetunePeft, ChatFormat, TrlTraining):
     prompts_per_step: int = opt(16, "Prompts per optimizer step (batch_size x grad_accum = prompts_per_step x num_generations responses).")
     max_new_tokens: int = shared(PPOConfig, "max_new_tokens")
     temperature: float = opt(1.0, "Sampling temperature of the groups (log-probabilities are taken at the same temperature).")
-    kl_coef: float = opt(0.02, "β of the KL penalty β·KL(π || π_ref) in the loss (k3 estimator, as the paper); 0 loads no reference.")
+    kl_coef: float = opt(0.3, "β of the KL penalty β·KL(π || π_ref) in the loss (k3 estimator, as the paper); 0 loads no reference.")
     clip_range: float = shared(PPOConfig, "clip_range")
     num_iterations: int = opt(1, "μ: optimizer passes over each batch of groups (1: on-policy, the ratio is 1 and clipping idle).")
     loss_type: str = opt("grpo", "grpo (each response's token mean, as the paper) | dr_grpo (sum over a fixed length: no length bias) | dapo (token mean over the batch) | bnpo.")
@@ -556,7 +556,7 @@ class GRPOConfig(FinetunePeft, ChatFormat, TrlTraining):
     # GRPO's own defaults for shared options (tuned on the default SFT model; recipes/default/grpo.yaml).
     steps: int = shared(TrlTraining, "steps", 150)
     batch_size: int = shared(TrlTraining, "batch_size", 128)
-    lr: float = shared(TrlTraining, "lr", 1.5e-4)
+    lr: float = shared(TrlTraining, "lr", 3e-5)
     warmup_steps: int = shared(TrlTraining, "warmup_steps", 0)
     lr_scheduler: str = shared(TrlTraining, "lr_scheduler", "constant")
     max_length: int = shared(TrlTraining, "max_length", 64)
