@@ -744,6 +744,7 @@ class EvalConfig(_Checked):
     seed: int = opt(0, "Seed for sampled answers and the bootstrap interval.")
     world: bool = opt(True, "Also report gold accuracy on the built-in world's held-out problems.")
     decontaminate: bool = opt(True, "Report the share of evaluation items whose 13-grams occur in the training data the manifests name.")
+    verify: bool = opt(False, "Check every evaluated artifact's files (and the reward model's) against the sha256 its manifest records before loading (sizes are always checked).")
 
     def validate(self) -> list[str]:
         p = super().validate()

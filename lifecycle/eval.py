@@ -305,6 +305,22 @@ def check_model(path: str, flag: str, name: str) -> Spec:
     return Spec(name, art.path, flag, art.manifest)
 
 
+def verify_specs(specs: list[Spec]) -> None:
+    """--verify: every evaluated artifact's files against the sha256 its manifest records, before any loads.
+    An adapter directory is checked against its own manifest; one without checksums is refused, as elsewhere."""
+    for spec in specs:
+        p = Path(spec.path)
+        if adapter_dir(p) is None:
+            check_artifact(spec.path, CAUSAL_LM, spec.flag, verify=True)
+            continue
+        if not (spec.manifest or {}).get("checksums"):
+            raise UsageError(f"{spec.flag} {spec.path}: --verify asked, but it has no {artifacts.MANIFEST} with checksums; "
+                             "drop --verify or re-run the stage that wrote it")
+        why = artifacts.verify_checksums(p, spec.manifest)
+        if why:
+            raise UsageError(f"{spec.flag} {spec.path}: {why}; re-run the stage that wrote it")
+
+
 def run(cfg: EvalConfig) -> Path:
     """`llm eval`: the metrics of one model (and --vs), or of every stage of --lifecycle; returns OUT/eval.json."""
     check_config(cfg)
@@ -323,9 +339,11 @@ def run(cfg: EvalConfig) -> Path:
         parents = {specs[0].name: specs[1].name} if cfg.vs else {}
     if cfg.reward and cfg.lifecycle:
         reward = cfg.reward
+    if cfg.verify:
+        verify_specs(specs)
     rm = None
     if reward:
-        art = check_artifact(reward, REWARD_MODEL, "--reward")
+        art = check_artifact(reward, REWARD_MODEL, "--reward", verify=cfg.verify)
         rm = (load_reward_model(art.path), load_tokenizer(art.path))
     if cfg.tasks:
         check_tasks(cfg)  # an unknown or hub task fails here, before the long parts

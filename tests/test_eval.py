@@ -323,3 +323,18 @@ def test_bad_config_reported_together():
         cfg(out="", temperature=-1.0, problems=900)
     msg = str(e.value)
     assert "--out is required" in msg and "--model DIR" in msg and "--temperature" in msg and "--problems 900" in msg
+
+
+def test_verify_refuses_a_corrupted_model_before_loading_it(tiny_base, tmp_path):
+    """--verify: a weights file of the right size whose bytes changed is caught by its manifest's sha256,
+    in one UsageError naming the file, before anything loads or OUT is written."""
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_base, bad)
+    w = bad / "model.safetensors"
+    data = bytearray(w.read_bytes())
+    data[-1] ^= 0xFF  # same size: only the checksum can tell
+    w.write_bytes(bytes(data))
+    with pytest.raises(UsageError, match=r"model\.safetensors's content does not match its checksum"):
+        ev.run(cfg(model=str(bad), out=str(tmp_path / "o"), verify=True))
+    assert not (tmp_path / "o").exists()
+    ev.verify_specs([ev.check_model(str(tiny_base), "--model", "base")])  # an intact artifact passes
