@@ -50,3 +50,32 @@ def write_section(name: str, text: str, path: Path = ROOT / "docs/BENCHMARKS.md"
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(new, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def run_cases(names: list[str], run_one, results: dict, json_path: Path, budget_s: float) -> None:
+    """Run the benchmark cases one by one into results["cases"], rewriting `json_path` after each: a case that
+    raises is recorded with its error and the others go on, and no case starts once `budget_s` seconds have
+    passed (it is recorded as skipped). GPU memory is released between cases."""
+    import gc
+    import json
+    import time
+    import traceback
+
+    import torch
+
+    start = time.perf_counter()
+    for name in names:
+        if time.perf_counter() - start > budget_s:
+            results["cases"].append({"case": name, "skipped": "time budget spent"})
+            continue
+        try:
+            r = run_one(name)
+        except Exception as e:  # one failing case must not hide the others' figures
+            traceback.print_exc()
+            r = {"case": name, "error": f"{type(e).__name__}: {str(e)[:500]}"}
+        print(json.dumps(r), flush=True)
+        results["cases"].append(r)
+        json_path.write_text(json.dumps(results, indent=2))
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

@@ -217,25 +217,11 @@ def main() -> None:
     tok = chatml_tokenizer()
     from _report import machine
 
-    results = {"machine": machine(), "command": "bash bench/gpu_check.sh", "cases": []}
-    start = time.perf_counter()
-    for name in args.cases.split(","):
-        if time.perf_counter() - start > args.budget_s:
-            results["cases"].append({"case": name, "skipped": "time budget spent"})
-            continue
-        try:
-            r = run_case(name, out, tok)
-        except Exception as e:  # record and go on: one failing case must not hide the others' figures
-            import traceback
+    from _report import run_cases
 
-            traceback.print_exc()
-            r = {"case": name, "error": f"{type(e).__name__}: {str(e)[:500]}"}
-        print(json.dumps(r), flush=True)
-        results["cases"].append(r)
-        Path(args.json or out / "gpu_check.json").write_text(json.dumps(results, indent=2))
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+    results = {"machine": machine(), "command": f"python bench/gpu_check.py --cases {args.cases}", "cases": []}
+    run_cases(args.cases.split(","), lambda name: run_case(name, out, tok), results,
+              Path(args.json or out / "gpu_check.json"), args.budget_s)
 
 
 def report(path: Path) -> None:

@@ -123,24 +123,11 @@ def main() -> None:
     longest = max(CASES[c][1] * CASES[c][3] for c in args.cases.split(","))
     write_corpus(work / "corpus.jsonl", vocab, tokens=int(longest * (1024 if not args.smoke else 64) * 1.2) + 200_000)
     print(f"tokenizer and corpus in {time.perf_counter() - t0:.1f}s", flush=True)
-    results = {"machine": machine(), "command": f"python bench/gpu_pretrain.py --cases {args.cases}", "cases": []}
-    start = time.perf_counter()
-    for name in args.cases.split(","):
-        if time.perf_counter() - start > args.budget_s:
-            results["cases"].append({"case": name, "skipped": "time budget spent"})
-            continue
-        try:
-            r = run_case(name, work, args.smoke)
-        except Exception as e:  # one failing case must not hide the others' figures
-            import traceback
+    from _report import run_cases
 
-            traceback.print_exc()
-            r = {"case": name, "error": f"{type(e).__name__}: {str(e)[:400]}"}
-        print(json.dumps(r), flush=True)
-        results["cases"].append(r)
-        Path(args.json or work / "gpu_pretrain.json").write_text(json.dumps(results, indent=2))
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+    results = {"machine": machine(), "command": f"python bench/gpu_pretrain.py --cases {args.cases}", "cases": []}
+    run_cases(args.cases.split(","), lambda name: run_case(name, work, args.smoke), results,
+              Path(args.json or work / "gpu_pretrain.json"), args.budget_s)
 
 
 def report(path: Path) -> None:
