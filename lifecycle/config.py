@@ -553,6 +553,7 @@ class GRPOConfig(FinetunePeft, ChatFormat, TrlTraining):
     missing_eos_penalty: float = opt(1.0, "With --reward: subtracted from the score of a response that never emits EOS (0 disables); the gold checker scores those 0 already.")
     watch_zero_std: float = opt(0.5, "Watchdog: warn when more than this share of a step's groups have zero reward variance (they carry no gradient).")
     watch_hack_gold_drop: float = shared(PPOConfig, "watch_hack_gold_drop")
+    stop_on_collapse: bool = shared(PPOConfig, "stop_on_collapse")
     # GRPO's own defaults for shared options (tuned on the default SFT model; recipes/default/grpo.yaml).
     steps: int = shared(TrlTraining, "steps", 150)
     batch_size: int = shared(TrlTraining, "batch_size", 128)

@@ -129,8 +129,9 @@ def test_accelerate_configs_parse(path):
 DEFAULTS_SHA256 = {"pretrain": "edb978a6daa5055a", "sft": "0bbda8f9f7a63491", "reward": "f0bbb0880921edfc",
                    "ppo": "1a2d15bf70d9c107",
                    # dpo and grpo: their tuned recipes' values (recipes/default/dpo.yaml, grpo.yaml)
-                   # (grpo re-tuned to kl_coef 0.3, lr 3e-5 on the lr-3e-4 SFT model; before: 22a48cab4300437d)
-                   "dpo": "b27a8d401285f3e5", "grpo": "c1ab6fddc1e64374"}
+                   # (grpo re-tuned to kl_coef 0.3, lr 3e-5 on the lr-3e-4 SFT model; before: 22a48cab4300437d;
+                   # then stop_on_collapse=False added, which keeps its behaviour: c1ab6fddc1e64374 without it)
+                   "dpo": "b27a8d401285f3e5", "grpo": "9278cfc5fdb60893"}
 
 
 @pytest.mark.parametrize("stage", sorted(STAGE_CONFIGS))

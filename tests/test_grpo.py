@@ -177,6 +177,34 @@ def test_sigterm_saves_a_checkpoint_and_resume_equals_an_uninterrupted_run(tiny_
     assert a.keys() == b.keys() and all(a[n].equal(b[n]) for n in a)
 
 
+def test_stop_on_collapse_saves_and_stops_at_a_watchdog_alarm_but_not_at_zero_variance(tiny_base, tmp_path, monkeypatch):
+    """stop_on_collapse: the first watchdog alarm (here a stand-in at step 2) saves a checkpoint at that step and
+    stops with Interrupted; the zero-variance notice, which the gold reward raises from step 1 on an untrained
+    model, does not stop the run."""
+    from lifecycle import watchdog
+    from lifecycle.errors import Interrupted
+    from lifecycle.stages import grpo
+
+    real = watchdog.Watchdog.observe_step
+
+    def observe_step(self, step, m):  # the untrained model never ends a response: its eos_rate alarm is dropped
+        found = [a for a in real(self, step, m) if a["alarm"] != "eos_rate"]
+        return found + ([{"step": step, "alarm": "length_drift", "message": "stand-in"}] if step == 2 else [])
+
+    monkeypatch.setattr(watchdog.Watchdog, "observe_step", observe_step)
+    out = tmp_path / "stopped"
+    with pytest.raises(Interrupted, match=r"watchdog \(length_drift\) at step 2: checkpoint saved to .*checkpoint-2"):
+        grpo.run(grpo_cfg(tiny_base, out, reward_fn="gold", max_steps=4, stop_on_collapse=True))
+    assert (out / "checkpoints" / "checkpoint-2" / grpo.STATE_FILE).is_file()
+    assert not (out / "lifecycle.json").exists()
+    log = (out / "checkpoints" / "checkpoint-2" / grpo.STATE_FILE).read_text()
+    assert "zero_variance" in log  # the notice was raised, and the run went on past it
+    # --resume (stop_on_collapse may change on resume) finishes the run from step 2
+    grpo.run(grpo_cfg(tiny_base, out, reward_fn="gold", max_steps=4, resume=True))
+    m = json.loads((out / "lifecycle.json").read_text())
+    assert m["config"]["stop_on_collapse"] is False and (out / "model.safetensors").is_file()
+
+
 def test_cli_grpo_refuses_a_reward_model_as_policy(tiny_reward, tmp_path):
     p = run_cli("grpo", "--policy", str(tiny_reward), "--out", str(tmp_path / "o"), "--reward-fn", "gold")
     assert_usage_error(p, "--policy", "is a reward model", "--reward")

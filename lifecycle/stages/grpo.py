@@ -47,7 +47,7 @@ from lifecycle.artifacts import Artifact
 from lifecycle.config import GRPOConfig, PPOConfig
 from lifecycle.data import world
 from lifecycle.data.prompts import Prompts, as_user_turns, load_prompts
-from lifecycle.errors import UsageError
+from lifecycle.errors import Interrupted, UsageError
 from lifecycle.generate import generate_batch, gold_accuracy, kl_to_reference, render_prompts, stop_ids
 from lifecycle.modeling import CAUSAL_HEAD, count_params, describe_trainable, load_causal_lm, load_for_training
 from lifecycle.reward_model import load_reward_model, score
@@ -205,6 +205,16 @@ class Beside(TrainerCallback):
         self.initial, self.last_eval, self.reference = initial, initial, None
         self.zero_var_events: list[dict] = []
         self.zero_var_active = False
+        self.stopped: list[str] = []  # stop_on_collapse: the alarms that stopped the run
+
+    def _stop_on(self, alarms: list[dict], control) -> None:
+        """stop_on_collapse: a watchdog alarm (not the zero-variance notice, which a verifiable reward raises as
+        a matter of course) saves a checkpoint at this step and ends training; `run` then raises Interrupted."""
+        serious = [a["alarm"] for a in alarms if a["alarm"] != "zero_variance"]
+        if serious and self.cfg.stop_on_collapse:
+            self.stopped += serious
+            control.should_save = True
+            control.should_training_stop = True
 
     # held-out evaluation every eval_every steps, into the log history (OUT/log.jsonl)
     def on_step_end(self, args, state, control, model=None, **kw):
@@ -212,8 +222,10 @@ class Beside(TrainerCallback):
         if step % self.cfg.eval_every == 0 or step == state.max_steps:
             self.last_eval = evaluate(model, self.reference, self.tok, self.held, self.reward, self.cfg)
             state.log_history.append({"step": step, **self.last_eval})
-            for a in self.dog.observe_eval(step, self.last_eval["eval_score"], self.last_eval.get("eval_gold_accuracy")):
+            alarms = self.dog.observe_eval(step, self.last_eval["eval_score"], self.last_eval.get("eval_gold_accuracy"))
+            for a in alarms:
                 say(f"WATCHDOG [{a['alarm']}] at step {a['step']}: {a['message']}")
+            self._stop_on(alarms, control)
             say(f"step {step}: held-out reward {self.last_eval['eval_score']:.3f}{_gold(self.last_eval)} | "
                 f"KL {self.last_eval['eval_kl']:.3f} nats/response")
 
@@ -241,6 +253,7 @@ class Beside(TrainerCallback):
                   f"zero-variance groups {100 * zero:.0f}%  len {m['response_length']:.2f}  KL {m['kl']:.4f}", flush=True)
             for a in alarms:
                 print(f"WATCHDOG [{a['alarm']}] at step {a['step']}: {a['message']}", flush=True)
+        self._stop_on(alarms, control)
 
     # the state a resume needs, written into each checkpoint
     def on_save(self, args, state, control, **kw):
@@ -372,6 +385,12 @@ def _run(cfg: GRPOConfig) -> Path:
     t_train = time.perf_counter()
     finetune.train(trainer, cfg, resuming)  # Ctrl-C/SIGTERM: a checkpoint, then Interrupted (exit 130)
     train_seconds = time.perf_counter() - t_train
+    if beside.stopped:
+        from lifecycle.checkpoints import latest_checkpoint
+
+        raise Interrupted(f"watchdog ({', '.join(dict.fromkeys(beside.stopped))}) at step {trainer.state.global_step}: "
+                          f"checkpoint saved to {latest_checkpoint(out)}; inspect OUT/log.jsonl, then --resume or "
+                          "change the recipe")
 
     # 6. Final model and evaluation ----------------------------------------
     final_eval = beside.last_eval if trainer.state.global_step == cfg.total_steps and beside.last_eval else None
