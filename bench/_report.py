@@ -79,3 +79,29 @@ def run_cases(names: list[str], run_one, results: dict, json_path: Path, budget_
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def case_args(name: str, cases: list[str], budget_s: float, smoke_help: str):
+    """The command line every case-by-case GPU benchmark shares (--out, --cases, --budget-s, --json, --report,
+    --smoke). With --report the args come back at once (no torch import: the caller writes the docs section);
+    else args.out is a created directory and args.json the results file."""
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=f"/tmp/{name}", help="working directory")
+    ap.add_argument("--cases", default=",".join(cases), help="comma-separated cases, run in this order")
+    ap.add_argument("--budget-s", type=float, default=budget_s, help="start no new case after this many seconds")
+    ap.add_argument("--json", help=f"results file (default OUT/{name}.json), rewritten after each case")
+    ap.add_argument("--report", help="write docs/BENCHMARKS.md's section from this results file")
+    ap.add_argument("--smoke", action="store_true", help=smoke_help)
+    args = ap.parse_args()
+    if args.report:
+        return args
+    import torch
+
+    if not (torch.cuda.is_available() or args.smoke):
+        raise SystemExit(f"{name} needs a CUDA device (or --smoke for a tiny case on any device)")
+    args.out = Path(args.out)
+    args.out.mkdir(parents=True, exist_ok=True)
+    args.json = Path(args.json or args.out / f"{name}.json")
+    return args

@@ -17,7 +17,6 @@ a section of docs/BENCHMARKS.md. Cases run cheapest first and stop when the time
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import sys
@@ -196,32 +195,17 @@ def run_ppo_case(name: str, work: Path, base: Path, info: dict, t_build: float) 
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default="/tmp/gpu_check")
-    ap.add_argument("--cases", default=",".join(c for c in CASES if c != "smoke"))
-    ap.add_argument("--budget-s", type=float, default=420.0)
-    ap.add_argument("--json", help="where to write the results (default OUT/gpu_check.json), rewritten after each case")
-    ap.add_argument("--report", help="write docs/BENCHMARKS.md's section from this gpu_check.json")
-    ap.add_argument("--smoke", action="store_true", help="allow running without CUDA (for `--cases smoke`)")
-    args = ap.parse_args()
+    from _report import case_args, machine, run_cases
+
+    args = case_args("gpu_check", [c for c in CASES if c != "smoke"], 420.0, "allow running without CUDA (for `--cases smoke`)")
     if args.report:
         return report(Path(args.report))
-    import torch
-
     from families import chatml_tokenizer
 
-    if not (torch.cuda.is_available() or args.smoke):
-        sys.exit("the GPU check needs a CUDA device (or --smoke for the tiny case on the CPU)")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = args.out
     tok = chatml_tokenizer()
-    from _report import machine
-
-    from _report import run_cases
-
     results = {"machine": machine(), "command": f"python bench/gpu_check.py --cases {args.cases}", "cases": []}
-    run_cases(args.cases.split(","), lambda name: run_case(name, out, tok), results,
-              Path(args.json or out / "gpu_check.json"), args.budget_s)
+    run_cases(args.cases.split(","), lambda name: run_case(name, out, tok), results, args.json, args.budget_s)
 
 
 def report(path: Path) -> None:

@@ -14,7 +14,6 @@ dense bf16 peak), the median over the logged windows after the first (which hold
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -99,35 +98,20 @@ def run_case(name: str, work: Path, smoke: bool) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default="/tmp/gpu_pretrain")
-    ap.add_argument("--cases", default=",".join(CASES))
-    ap.add_argument("--budget-s", type=float, default=300.0, help="start no new case after this many seconds")
-    ap.add_argument("--json", help="results file (default OUT/gpu_pretrain.json), rewritten after each case")
-    ap.add_argument("--report", help="write docs/BENCHMARKS.md's section from this results file")
-    ap.add_argument("--smoke", action="store_true", help="tiny model and corpus, any device")
-    args = ap.parse_args()
+    from _report import case_args, machine, run_cases
+
+    args = case_args("gpu_pretrain", list(CASES), 300.0, "tiny model and corpus, any device")
     if args.report:
         return report(Path(args.report))
-    import torch
-
-    if not (torch.cuda.is_available() or args.smoke):
-        sys.exit("this benchmark needs a CUDA device (or --smoke)")
-    from _report import machine
-
-    work = Path(args.out)
-    work.mkdir(parents=True, exist_ok=True)
+    work = args.out
     vocab = VOCAB if not args.smoke else 500
     t0 = time.perf_counter()
     build_tokenizer(work / "tokenizer", vocab)
     longest = max(CASES[c][1] * CASES[c][3] for c in args.cases.split(","))
     write_corpus(work / "corpus.jsonl", vocab, tokens=int(longest * (1024 if not args.smoke else 64) * 1.2) + 200_000)
     print(f"tokenizer and corpus in {time.perf_counter() - t0:.1f}s", flush=True)
-    from _report import run_cases
-
     results = {"machine": machine(), "command": f"python bench/gpu_pretrain.py --cases {args.cases}", "cases": []}
-    run_cases(args.cases.split(","), lambda name: run_case(name, work, args.smoke), results,
-              Path(args.json or work / "gpu_pretrain.json"), args.budget_s)
+    run_cases(args.cases.split(","), lambda name: run_case(name, work, args.smoke), results, args.json, args.budget_s)
 
 
 def report(path: Path) -> None:
