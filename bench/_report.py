@@ -38,10 +38,14 @@ def machine(with_torch: bool = True) -> str:
 
 
 def write_section(name: str, text: str, path: Path = ROOT / "docs/BENCHMARKS.md") -> None:
-    """Replace only section `name` (create the file with a header if needed); temp file + rename."""
-    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    block = f"{start}\n{text}\n{end}"
+    """Replace only section `name` (create the file with a header if needed); temp file + rename.
+    A hand-written reading of the figures, placed in the section after a `<!-- NAME:notes -->` line, is kept."""
+    start, end, notes = f"<!-- {name}:start -->", f"<!-- {name}:end -->", f"<!-- {name}:notes -->"
     old = path.read_text(encoding="utf-8") if path.exists() else HEADER
+    kept = ""
+    if start in old and notes in old.split(start, 1)[1].split(end, 1)[0]:
+        kept = "\n" + notes + old.split(start, 1)[1].split(end, 1)[0].split(notes, 1)[1].rstrip("\n")
+    block = f"{start}\n{text}{kept}\n{end}"
     if start in old:
         new = re.sub(re.escape(start) + r".*?" + re.escape(end), lambda _: block, old, flags=re.S)
     else:
