@@ -357,13 +357,19 @@ def check_artifact(path: str, expect: str, flag: str, *, verify: bool = False) -
     if why:
         raise UsageError(f"{flag} {path}: {why}; put back the config.json written with these weights")
     if verify and manifest is not None:
-        if not manifest.get("checksums"):
-            raise UsageError(f"{flag} {path}: --verify asked, but its {MANIFEST} records no checksums (written by an "
-                             f"older version); drop --verify or re-run the stage that wrote it")
-        why = verify_checksums(p, manifest)
-        if why:
-            raise UsageError(f"{flag} {path}: {why}; re-run the stage that wrote it")
+        require_checksums(p, manifest, f"{flag} {path}")
     return Artifact(path=str(p), kind=kind, manifest=manifest)
+
+
+def require_checksums(path: str | Path, manifest: dict | None, where: str) -> None:
+    """--verify: every file of `path` against the sha256 its manifest records; UsageError in one line naming
+    `where` (e.g. "--policy runs/sft") when the manifest records none or a file differs."""
+    if not (manifest or {}).get("checksums"):
+        raise UsageError(f"{where}: --verify asked, but its {MANIFEST} records no checksums (written by an "
+                         f"older version, or missing); drop --verify or re-run the stage that wrote it")
+    why = verify_checksums(path, manifest)
+    if why:
+        raise UsageError(f"{where}: {why}; re-run the stage that wrote it")
 
 
 def parent_record(art: Artifact) -> dict:

@@ -307,18 +307,13 @@ def check_model(path: str, flag: str, name: str) -> Spec:
 
 def verify_specs(specs: list[Spec]) -> None:
     """--verify: every evaluated artifact's files against the sha256 its manifest records, before any loads.
-    An adapter directory is checked against its own manifest; one without checksums is refused, as elsewhere."""
+    An adapter directory is checked against its own manifest (artifacts.require_checksums, as check_artifact does)."""
     for spec in specs:
         p = Path(spec.path)
         if adapter_dir(p) is None:
             check_artifact(spec.path, CAUSAL_LM, spec.flag, verify=True)
             continue
-        if not (spec.manifest or {}).get("checksums"):
-            raise UsageError(f"{spec.flag} {spec.path}: --verify asked, but it has no {artifacts.MANIFEST} with checksums; "
-                             "drop --verify or re-run the stage that wrote it")
-        why = artifacts.verify_checksums(p, spec.manifest)
-        if why:
-            raise UsageError(f"{spec.flag} {spec.path}: {why}; re-run the stage that wrote it")
+        artifacts.require_checksums(p, spec.manifest, f"{spec.flag} {spec.path}")
 
 
 def run(cfg: EvalConfig) -> Path:
