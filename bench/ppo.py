@@ -4,6 +4,7 @@
     python bench/ppo.py --iterations 6 --threads 1 --rollout-chunks 0 --no-write
     python bench/ppo.py --policy DIR --reward DIR
     python bench/ppo.py --profile             # where the update's time goes (torch profiler, iterations 2-3)
+    python bench/ppo.py --trl-python /tmp/trl029/bin/python   # and TRL 0.29's PPOTrainer beside it (bench/trl_ppo.py)
 
 Runs the real loop (lifecycle/stages/ppo.py) on runs/default/sft and
 runs/default/reward when they exist, else on freshly initialised models of the
@@ -16,6 +17,13 @@ left out; the medians of the rest are reported, with the loop's per-iteration pe
 memory of the rollout and of the update (resident memory on the CPU, allocated
 memory on a GPU). Each setting runs in its own process (torch fixes its thread
 pool at start-up, and a process's memory high-water mark is its own).
+
+The update's arithmetic: the loop's minibatch shapes are recorded, and 6 x (the actor's
+plus the critic's parameters outside the embeddings) x (the tokens they pass over) is set
+against the update's time, beside the rate of this core's matrix product (fp32 sgemm, best
+of 20) at the shape of the update's largest matrix product. With --trl-python, TRL 0.29's
+PPOTrainer runs on the same models and shapes (bench/trl_ppo.py) after the first setting,
+with its thread count, and the table gets its seconds per PPO step and our ratio to them.
 """
 
 from __future__ import annotations
@@ -81,6 +89,14 @@ def measure(args) -> dict:
     from lifecycle.stages import ppo
 
     torch.set_num_threads(args.one_run)
+    shapes: list[tuple[int, int]] = []  # (sequences, padded length) of every minibatch step
+    step = ppo.minibatch_step
+
+    def recorded(roles, mb, *a, **k):
+        shapes.append(tuple(mb.model_inputs()[0].shape))
+        return step(roles, mb, *a, **k)
+
+    ppo.minibatch_step = recorded
     with tempfile.TemporaryDirectory() as tmp:
         if is_complete(args.policy) and is_complete(args.reward):
             policy, reward = args.policy, args.reward
@@ -95,16 +111,45 @@ def measure(args) -> dict:
             "eval_every": 10_000, "eval_prompts": 50, "save_every": 0, "log_every": 10_000,
             "rollout_micro_batch_size": args.rollout_micro_batch_size})
         t0 = time.perf_counter()
-        ppo.run(cfg)
+        try:
+            ppo.run(cfg)
+        finally:
+            ppo.minibatch_step = step
         wall = time.perf_counter() - t0
         rows = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines() if x.strip()]
+        arith = update_arithmetic(policy, shapes, cfg, args.iterations)
     its = [r for r in rows if "rollout_seconds" in r][1:]  # drop the warm-up iteration
     med = lambda k: statistics.median(r[k] for r in its)  # noqa: E731
     mem = {k: med(k) if all(k in r for r in its) else float("nan") for k in ("rollout_peak_mib", "update_peak_mib")}
     return {"threads": args.one_run, "chunk": args.rollout_micro_batch_size, **mem, "models": models, "wall": wall,
             "gen_tps": med("rollout_tokens_per_second"),
             "gen_s": med("generate_seconds"), "roll_s": med("rollout_seconds"), "upd_s": med("update_seconds"),
-            "tokens": statistics.median(r["response_length"] for r in its) * cfg.prompts_per_rollout}
+            "tokens": statistics.median(r["response_length"] for r in its) * cfg.prompts_per_rollout, **arith}
+
+
+def update_arithmetic(policy: str, shapes: list, cfg, iterations: int) -> dict:
+    """GFLOP of one iteration's update by 6 x block parameters x tokens (actor and critic, the critic the policy's
+    shape, as with `critic: reward` on the default run) and this core's sgemm rate at the update's largest matmul."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    conf = AutoConfig.from_pretrained(policy)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(conf)
+    emb = {id(model.get_input_embeddings().weight), id(model.get_output_embeddings().weight)}
+    n_blocks = sum(p.numel() for p in model.parameters() if id(p) not in emb)
+    tokens = sum(b * t for b, t in shapes) / iterations  # the first (warm-up) iteration updates as much as the rest
+    gflop = 6 * 2 * n_blocks * tokens / 1e9
+    m = max(b * t for b, t in shapes)
+    h, f = conf.hidden_size, getattr(conf, "intermediate_size", None) or 4 * conf.hidden_size
+    x, w = torch.randn(m, h), torch.randn(h, f)
+    best = float("inf")
+    for _ in range(20):
+        t0 = time.perf_counter()
+        x @ w
+        best = min(best, time.perf_counter() - t0)
+    return {"update_gflop": gflop, "block_params": n_blocks, "update_tokens": tokens,
+            "sgemm_gflops": 2 * m * h * f / best / 1e9, "sgemm_shape": f"{m}x{h} @ {h}x{f}"}
 
 
 def profile_update(args) -> None:
@@ -152,6 +197,19 @@ def profile_update(args) -> None:
     print(f"AdamW steps: {100 * t / total:.1f}% of the update's CPU time")
 
 
+def trl_baseline(args, threads: int) -> dict:
+    """bench/trl_ppo.py under --trl-python on the same models: TRL's seconds per PPO step."""
+    import subprocess
+
+    cmd = [args.trl_python, str(ROOT / "bench/trl_ppo.py"), "--sft", args.policy, "--reward", args.reward,
+           "--n", str(args.iterations), "--threads", str(threads)]
+    p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if p.returncode != 0 or line is None:
+        sys.exit(f"the TRL baseline failed:\n{p.stderr[-2000:]}")
+    return json.loads(line[len("RESULT "):])
+
+
 def main() -> None:
     import subprocess
 
@@ -166,6 +224,8 @@ def main() -> None:
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--profile", action="store_true", help="profile the update phase instead of timing")
     ap.add_argument("--one-run", type=int, default=0, help=argparse.SUPPRESS)  # internal: one measurement, JSON out
+    ap.add_argument("--trl-python", metavar="PYTHON", help="a Python with trl 0.29 installed: also time TRL's "
+                    "PPOTrainer on the same models (bench/trl_ppo.py)")
     args = ap.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if args.one_run:
@@ -189,12 +249,19 @@ def main() -> None:
         results.append(r)
         print(f"{n} thread(s), rollout chunks of {chunk or 'all'}: generation {r['gen_s']:.2f} s ({r['gen_tps']:,.0f} "
               f"tokens/s), rollout {r['roll_s']:.2f} s, update {r['upd_s']:.2f} s, {r['roll_s'] + r['upd_s']:.2f} s per "
-              f"iteration; peak memory rollout {r['rollout_peak_mib']:,.0f} MiB, update {r['update_peak_mib']:,.0f} MiB")
+              f"iteration; peak memory rollout {r['rollout_peak_mib']:,.0f} MiB, update {r['update_peak_mib']:,.0f} MiB; "
+              f"update {r['update_gflop']:.0f} GFLOP at {r['update_gflop'] / r['upd_s']:.0f} GFLOP/s (sgemm "
+              f"{r['sgemm_shape']}: {r['sgemm_gflops']:.0f} GFLOP/s)")
+        if args.trl_python and len(results) == 1:
+            trl = trl_baseline(args, n)
+            r["trl_s"], r["trl"] = trl["median_s"], trl["trl"]
+            print(f"TRL {trl['trl']} PPOTrainer, {n} thread(s): {trl['median_s']:.2f} s per PPO step; ours / TRL "
+                  f"{(r['roll_s'] + r['upd_s']) / trl['median_s']:.2f}")
     lines = [
         "## PPO: rollout and update time and peak memory per iteration",
         "",
         f"Machine: {machine()}. Command: `python bench/ppo.py --iterations {args.iterations} --threads {args.threads} "
-        f"--rollout-chunks {args.rollout_chunks}`.",
+        f"--rollout-chunks {args.rollout_chunks}" + (" --trl-python TRL_0.29_PYTHON" if args.trl_python else "") + "`.",
         f"Models: {results[0]['models']}; recipe `recipes/default/ppo.yaml` (128 prompts, up to 5 new tokens, "
         "4 epochs x 2 minibatches of 64). Medians over iterations 2-" + f"{args.iterations}.",
         f"The machine's 1-minute load average at the start was {load:.1f}"
@@ -215,6 +282,16 @@ def main() -> None:
                      f"tokens/s ({r['tokens']:.0f} tokens) | {r['roll_s']:.2f} s | {r['upd_s']:.2f} s | "
                      f"{r['roll_s'] + r['upd_s']:.2f} s | {r['rollout_peak_mib']:,.0f} / {r['update_peak_mib']:,.0f} MiB | "
                      f"{r['wall']:.0f} s |")
+    r = results[0]
+    lines += ["", f"The update's arithmetic ({r['threads']} thread(s)): 6 x {r['block_params'] / 1e6:.2f}M block parameters x 2 "
+              f"models x {r['update_tokens']:,.0f} tokens (8 minibatches of prompt + response, padded) = "
+              f"{r['update_gflop']:.0f} GFLOP per iteration in {r['upd_s']:.2f} s: {r['update_gflop'] / r['upd_s']:.0f} GFLOP/s, "
+              f"against {r['sgemm_gflops']:.0f} GFLOP/s for this core's fp32 matrix product at the update's largest shape "
+              f"({r['sgemm_shape']}, best of 20)."]
+    if "trl_s" in r:
+        lines += ["", f"TRL {r['trl']}'s PPOTrainer on the same models and shapes (`bench/trl_ppo.py`, run by "
+                  f"`--trl-python`, {r['threads']} thread(s), median of PPO steps 3-{args.iterations}): {r['trl_s']:.2f} s per "
+                  f"PPO step; ours {r['roll_s'] + r['upd_s']:.2f} s, a ratio of {(r['roll_s'] + r['upd_s']) / r['trl_s']:.2f}."]
     lines += ["", NOTES.rstrip()]
     if not args.no_write:
         write_section("ppo", "\n".join(lines))

@@ -34,6 +34,7 @@ def model_config(spec: str, vocab_size: int, eos_id: int, pad_id: int):
             pad_token_id=pad_id,
             # the preset's dropout (0 for the gpt2-* presets, as nanoGPT and current pretraining recipes use)
             resid_pdrop=p.get("dropout", 0.1), embd_pdrop=p.get("dropout", 0.1), attn_pdrop=p.get("dropout", 0.1),
+            activation_function=p.get("act", "gelu_new"),  # the gpt2-* presets: exact GELU (lifecycle/presets.py)
         )
     path = Path(spec)
     if not path.exists():

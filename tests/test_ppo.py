@@ -316,7 +316,7 @@ def test_explain_prints_the_batch_hierarchy(tiny_base, tiny_reward, tmp_path, ca
     text = capsys.readouterr().out
     assert text.strip() == returned.strip()
     for s in ("rollout batch     128 prompts", "minibatches       2 per epoch of 64", "optimizer steps   8 per iteration",
-              "19,200 episodes", "actor", "reference", "reward", "critic", "MiB"):
+              "12,800 episodes", "actor", "reference", "reward", "critic", "MiB"):
         assert s in text, s
     assert not out.exists()  # nothing written
     ppo.explain(build_config(PPOConfig, None, dict(policy=str(tiny_base), reward=str(tiny_reward), out=str(out), explain=True,

@@ -557,9 +557,21 @@ def test_the_multi_tensor_optimizer_is_bit_equal_to_the_per_parameter_loop(tmp_p
     assert _sha(tmp_path / "a" / "model.safetensors") == _sha(tmp_path / "b" / "model.safetensors")
 
 
-def test_the_gpt2_presets_pretrain_without_dropout():
-    from lifecycle.modeling import model_config
+def test_the_gpt2_presets_pretrain_without_dropout_and_with_the_one_kernel_gelu():
+    import torch
+    from transformers.activations import ACT2FN
+
+    from lifecycle.modeling import build_model, model_config
+    from lifecycle.presets import PRESETS, project_config
 
     for name in ("gpt2-tiny", "gpt2-micro", "gpt2-124m"):
         c = model_config(name, 300, 0, 1)
         assert (c.resid_pdrop, c.embd_pdrop, c.attn_pdrop) == (0.0, 0.0, 0.0), name
+        # the memory estimate builds the same model from the preset
+        assert project_config(PRESETS[name])["activation_function"] == c.activation_function == "gelu", name
+    # "gelu" is torch's exact GELU, one kernel (what nanoGPT's nn.GELU computes); GPT2Config's default "gelu_new"
+    # is the tanh approximation written out as separate ops, 0.0002 away at most
+    act = build_model(model_config("gpt2-micro", 300, 0, 1)).transformer.h[0].mlp.act
+    x = torch.linspace(-6, 6, 1001)
+    assert torch.equal(act(x), torch.nn.functional.gelu(x))
+    assert 0 < (act(x) - ACT2FN["gelu_new"](x)).abs().max() < 5e-4
