@@ -56,8 +56,8 @@ other jobs at a load average of 8-10, so only the ratios mean anything):
 - Our loop's own overhead over the plain loop is within the noise (ratios 0.98-1.09 over single rounds): per step
   it adds an lr computation (0.4 us), the epoch permutation for the batch indices (~0.9 ms: `torch.randperm` of
   every block, redrawn each step), a float read of the loss and of the gradient norm (no device sync on a CPU) and
-  a finiteness check; all together under 1% of a 0.2-0.7 s step. The 0.68x-of-nanoGPT gap in the issue came mostly
-  from the `gpt2-*` presets' dropout of 0.1, which the issue's plain loop did not have.
+  a finiteness check; all together under 1% of a 0.2-0.7 s step. The 0.68x-of-nanoGPT gap in the issue came from
+  the `gpt2-*` presets' dropout of 0.1 (the issue's plain loop had none) and GPT2Config's GELU, both below.
 - Dropout 0 on the GPT-2 shape (the plain loop over gpt2-tiny with `resid_pdrop`, `embd_pdrop` and `attn_pdrop`
   at 0.1 vs 0, 25 steps x 3 interleaved rounds): 1.19-1.26x tokens/s. The `gpt2-*` presets say `dropout=0.0`.
 - The GELU: GPT2Config's default `gelu_new` is the tanh formula written as six element-wise operations; torch's
