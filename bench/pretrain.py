@@ -79,7 +79,10 @@ other jobs at a load average of 8-10, so only the ratios mean anything):
   --steps 30 --set compile=true`; eager: 1.00-1.09x), for a first step of 77 s (compilation) on the loaded machine. The default recipe's 2000 steps of
   ~0.2 s on a quiet core would save ~40 s at best, about what compiling costs, and compiled kernels do not
   reproduce the eager run's numbers bit for bit: the default stays eager; compile is worth it for long runs
-  (thousands of steps of a larger model), which `--set compile=true` gives.
+  (thousands of steps of a larger model), which `--set compile=true` gives. Measured again on the idle machine with
+  both threads and an empty compile cache (`--cases llama-tiny --rounds 1 --steps 60 --threads 2 --set
+  compile=true`): 1.09x the eager plain loop, first step 17.0 s; on the default recipe's 290 s of training that
+  would save about 25 s for 17 s of compiling (more for the evaluation graph), so still not the default.
 """
 
 
