@@ -84,7 +84,8 @@ def main() -> None:
         disable_tqdm=True, bf16=False, fp16=False, use_cpu=True, seed=a.seed, dataloader_num_workers=0)
 
     class Clock(TrainerCallback):
-        marks: list[float] = []
+        def __init__(self) -> None:
+            self.marks: list[float] = []  # the start of training, then the end of every PPO step
 
         def on_train_begin(self, *_, **__):
             self.marks.append(time.perf_counter())
