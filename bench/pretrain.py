@@ -135,6 +135,32 @@ def ours(preset: str, data: Path, tok_dir: Path, out: Path, steps: int, warmup: 
     return [b - a for a, b in zip(stamps[warmup - 1:], stamps[warmup:])]
 
 
+def timed_loop(model, opt, loss_of, blocks, steps: int, warmup: int) -> list[float]:
+    """Seconds per steady-state step of the plain loop: a warmup+cosine lr set per step, random blocks,
+    forward (`loss_of(x)`), backward, clipping at 1.0, AdamW, `zero_grad(set_to_none=True)`, a loss read
+    every 10 steps. Loops B and C both run here, so they differ only in the model and its optimizer."""
+    import torch
+
+    model.train()
+    total = warmup + steps
+    stamps = []
+    for it in range(total):
+        frac = min(1.0, (it + 1) / 10)
+        lr = 3e-3 * frac * (0.55 + 0.45 * math.cos(math.pi * it / total))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        x = blocks[torch.randint(len(blocks), (BATCH,))]
+        loss = loss_of(x)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if it % 10 == 0:
+            loss.item()
+        stamps.append(time.perf_counter())
+    return [b - a for a, b in zip(stamps[warmup - 1:], stamps[warmup:])]
+
+
 def plain(preset: str, tok, blocks, steps: int, warmup: int) -> list[float]:
     """Seconds per step of a plain loop over the same stock model (written for this benchmark)."""
     import torch
@@ -143,28 +169,11 @@ def plain(preset: str, tok, blocks, steps: int, warmup: int) -> list[float]:
 
     torch.manual_seed(0)
     model = build_model(model_config(preset, len(tok), tok.eos_token_id, tok.pad_token_id))
-    model.train()
     decay = [p for p in model.parameters() if p.dim() >= 2]
     rest = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
                             lr=3e-3, betas=(0.9, 0.95))
-    total = warmup + steps
-    stamps = []
-    for it in range(total):
-        frac = min(1.0, (it + 1) / 10)
-        lr = 3e-3 * frac * (0.55 + 0.45 * math.cos(math.pi * it / total))
-        for g in opt.param_groups:
-            g["lr"] = lr
-        x = blocks[torch.randint(len(blocks), (BATCH,))]
-        loss = model(input_ids=x, labels=x).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if it % 10 == 0:
-            loss.item()
-        stamps.append(time.perf_counter())
-    return [b - a for a, b in zip(stamps[warmup - 1:], stamps[warmup:])]
+    return timed_loop(model, opt, lambda x: model(input_ids=x, labels=x).loss, blocks, steps, warmup)
 
 
 def nanogpt(src: Path, preset: str, tok, blocks, steps: int, warmup: int) -> list[float]:
@@ -173,8 +182,6 @@ def nanogpt(src: Path, preset: str, tok, blocks, steps: int, warmup: int) -> lis
 
     import torch
 
-    from lifecycle.presets import PRESETS
-
     spec = importlib.util.spec_from_file_location("nanogpt_model", src / "model.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -182,26 +189,12 @@ def nanogpt(src: Path, preset: str, tok, blocks, steps: int, warmup: int) -> lis
     torch.manual_seed(0)
     model = mod.GPT(mod.GPTConfig(block_size=p["max_pos"], vocab_size=len(tok), n_layer=p["layers"], n_head=p["heads"],
                                   n_embd=p["hidden"], dropout=0.0, bias=True))
-    model.train()
     opt = model.configure_optimizers(0.1, 3e-3, (0.9, 0.95), "cpu")
-    total = warmup + steps
-    stamps = []
-    for it in range(total):
-        frac = min(1.0, (it + 1) / 10)
-        lr = 3e-3 * frac * (0.55 + 0.45 * math.cos(math.pi * it / total))
-        for g in opt.param_groups:
-            g["lr"] = lr
-        x = blocks[torch.randint(len(blocks), (BATCH,))]
-        y = torch.cat([x[:, 1:], torch.full_like(x[:, :1], -1)], 1)  # next tokens; nanoGPT ignores -1
-        _, loss = model(x, y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if it % 10 == 0:
-            loss.item()
-        stamps.append(time.perf_counter())
-    return [b - a for a, b in zip(stamps[warmup - 1:], stamps[warmup:])]
+
+    def loss_of(x):  # targets: the next tokens, the last position ignored (nanoGPT's ignore_index is -1)
+        return model(x, torch.cat([x[:, 1:], torch.full_like(x[:, :1], -1)], 1))[1]
+
+    return timed_loop(model, opt, loss_of, blocks, steps, warmup)
 
 
 def profile(preset: str, data: Path, tok_dir: Path, out: Path, steps: int) -> None:
