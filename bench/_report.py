@@ -109,3 +109,11 @@ def case_args(name: str, cases: list[str], budget_s: float, smoke_help: str):
     args.out.mkdir(parents=True, exist_ok=True)
     args.json = Path(args.json or args.out / f"{name}.json")
     return args
+
+
+def unfinished_row(case: dict, columns: int) -> str | None:
+    """A results table's row for a case that failed or was skipped (its reason in the last of `columns`
+    cells), or None for a finished case, whose row the caller writes."""
+    if "error" not in case and "skipped" not in case:
+        return None
+    return f"| {case['case']} |" + " |" * (columns - 2) + f" {case.get('error') or case.get('skipped')} |"

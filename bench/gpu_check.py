@@ -209,7 +209,7 @@ def main() -> None:
 
 
 def report(path: Path) -> None:
-    from _report import write_section
+    from _report import unfinished_row, write_section
 
     res = json.loads(path.read_text())
     gib = 2**30
@@ -229,8 +229,8 @@ def report(path: Path) -> None:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for c in res["cases"]:
-        if "error" in c or "skipped" in c:
-            lines.append(f"| {c['case']} | | | | | | | | {c.get('error') or c.get('skipped')} |")
+        if (row := unfinished_row(c, 9)) is not None:
+            lines.append(row)
             continue
         est = c.get("estimate_without_overhead", c["estimate_bytes"])
         ratio = est / c["measured_bytes"]

@@ -115,7 +115,7 @@ def main() -> None:
 
 
 def report(path: Path) -> None:
-    from _report import write_section
+    from _report import unfinished_row, write_section
 
     res = json.loads(path.read_text())
     lines = [
@@ -132,8 +132,8 @@ def report(path: Path) -> None:
         "|---|---|---|---|---|---|---|---|",
     ]
     for c in res["cases"]:
-        if "error" in c or "skipped" in c:
-            lines.append(f"| {c['case']} | | | | | | | {c.get('error') or c.get('skipped')} |")
+        if (row := unfinished_row(c, 8)) is not None:
+            lines.append(row)
             continue
         rows = -(-VOCAB // c["vocab_multiple"]) * c["vocab_multiple"]
         lines.append(f"| {c['case']} | {'yes' if c['compile'] else 'no'} | {c['batch']} x {c['seq']} | {rows:,} "
