@@ -10,7 +10,8 @@ Read top to bottom:
   4. workers: each process loads the study from the storage and runs trials until the study holds
      `trials` finished or running ones; a trial left RUNNING by a killed process is failed and
      queued again (it resumes from its own checkpoints)
-  5. results: OUT/sweep.md, OUT/best.yaml (a recipe `llm <stage> --config` takes), OUT/plots
+  5. results: OUT/sweep.md, OUT/best.yaml (a recipe `llm <stage> --config` takes), OUT/plots,
+     written by lifecycle/sweep_report.py
 
 The search itself (samplers, pruners, storage, several machines on one database) is Optuna's; this
 module only maps our configs and artifacts onto it. Optuna is imported inside the functions, so
@@ -27,11 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import yaml
-
 from lifecycle import artifacts
 from lifecycle.config import STAGE_CONFIGS, SweepConfig, _coerce, build_config, check_config, field_types, read_yaml
 from lifecycle.errors import Interrupted, UsageError
+from lifecycle.sweep_report import show, write_results
 
 
 # ---------------------------------------------------------------------------
@@ -299,7 +299,7 @@ class Objective:
         if retry_dir and latest_checkpoint(out) is not None and hasattr(cfg, "resume"):
             cfg.resume = True
             check_config(cfg)
-        print(f"== trial {trial.number} -> {out}: " + ", ".join(f"{k}={_show(v)}" for k, v in params.items()), flush=True)
+        print(f"== trial {trial.number} -> {out}: " + ", ".join(f"{k}={show(v)}" for k, v in params.items()), flush=True)
         stage = importlib.import_module(f"lifecycle.stages.{sp.stage}")
         try:
             with reporting(lambda step, total, metrics: self._report(trial, step, total, metrics)):
@@ -326,10 +326,6 @@ class Objective:
             trial.set_user_attr("pruned", f"at step {step}/{total}: {self.space.objective} {value:.4g}")
             print(f"trial {trial.number}: pruned at step {step}/{total} ({self.space.objective} {value:.4g})", flush=True)
             raise optuna.TrialPruned(f"step {step}")
-
-
-def _show(v: Any) -> str:
-    return f"{v:.3g}" if isinstance(v, float) else str(v)
 
 
 # ---------------------------------------------------------------------------
@@ -470,7 +466,7 @@ def check(cfg: SweepConfig) -> Space:
         try:
             trial_config(cfg, space, params, probe)
         except UsageError as e:
-            shown = ", ".join(f"{k}={_show(v)}" for k, v in params.items())
+            shown = ", ".join(f"{k}={show(v)}" for k, v in params.items())
             raise UsageError(f"space file {cfg.space}: with {shown}: {e}") from None
     return space
 
@@ -496,7 +492,8 @@ def run(cfg: SweepConfig) -> Path:
             _run_processes(cfg)
     finally:
         if study.trials:
-            path = write_results(cfg, space, open_study(cfg, space, cfg.seed))
+            path = write_results(cfg, space, open_study(cfg, space, cfg.seed), storage_url(cfg),
+                                 lambda params: best_recipe(cfg, space, params))
             print(f"sweep: wrote {path}", flush=True)
     return root
 
@@ -523,19 +520,8 @@ def _run_processes(cfg: SweepConfig) -> None:
 
 
 # ---------------------------------------------------------------------------
-# 5. Results
+# 5. Results (the report itself: lifecycle/sweep_report.py)
 # ---------------------------------------------------------------------------
-def _state(t) -> str:
-    from optuna.trial import TrialState
-
-    if t.state == TrialState.PRUNED:
-        why = t.user_attrs.get("pruned", "")
-        return "pruned (memory)" if why.startswith("memory") else "pruned"
-    if t.state == TrialState.FAIL:
-        return "interrupted" if t.user_attrs.get("interrupted") else "failed"
-    return t.state.name.lower()
-
-
 def best_recipe(cfg: SweepConfig, space: Space, params: dict) -> dict:
     """The best trial's options as a stage recipe: the base recipe, the space's fixed options, the best values.
     The `budget:` options (what made a trial shorter than a real run) are left out."""
@@ -545,100 +531,3 @@ def best_recipe(cfg: SweepConfig, space: Space, params: dict) -> dict:
     for k in NOT_SEARCHABLE:
         recipe.pop(k, None)
     return recipe
-
-
-def write_results(cfg: SweepConfig, space: Space, study) -> Path:
-    """OUT/sweep.md (every trial), OUT/best.yaml and OUT/plots/*.png."""
-    from optuna.trial import TrialState
-
-    root = Path(cfg.out)
-    trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
-    complete = [t for t in trials if t.state == TrialState.COMPLETE]
-    names = list(space.params)
-    continued = {t.user_attrs["retry_of"]: t.number for t in trials if "retry_of" in t.user_attrs}
-    lines = [f"# Sweep: `llm {space.stage}`, study `{study.study_name}`", "",
-             f"Objective: {space.direction} `{space.objective}`; sampler {space.sampler}, pruner {space.pruner}; "
-             f"storage `{storage_url(cfg)}`.", "",
-             f"{len(complete)} complete, {sum(t.state == TrialState.PRUNED for t in trials)} pruned "
-             f"({sum(_state(t) == 'pruned (memory)' for t in trials)} before starting: predicted not to fit), "
-             f"{sum(t.state == TrialState.FAIL for t in trials)} failed or interrupted, of {len(trials)} trials.", ""]
-    head = ["trial", "state", space.objective, *names, "steps reported", "seconds", "directory", "note"]
-    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for t in trials:
-        secs = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and t.datetime_start else None
-        value = t.value if t.value is not None else (t.intermediate_values[max(t.intermediate_values)] if t.intermediate_values else None)
-        note = t.user_attrs.get("pruned", "")
-        if "retry_of" in t.user_attrs:
-            note = (note + "; " if note else "") + f"continues trial {t.user_attrs['retry_of']}"
-        if t.number in continued:
-            note = (note + "; " if note else "") + f"stopped unfinished; continued by trial {continued[t.number]}"
-        row = [str(t.number), _state(t), "-" if value is None else f"{value:.4g}" + ("" if t.value is not None else " (last report)"),
-               *[_show(t.params[n]) if n in t.params else "-" for n in names],
-               str(max(t.intermediate_values)) if t.intermediate_values else "-",
-               "-" if secs is None else f"{secs:.0f}", f"`{Path(t.user_attrs.get('out', '-')).name}`", note.replace("|", "/")]
-        lines.append("| " + " | ".join(row) + " |")
-    lines.append("")
-    if complete:
-        best = study.best_trial
-        recipe = best_recipe(cfg, space, best.params)
-        header = (f"# Best of {len(complete)} complete trials of `llm sweep {space.stage}` (study {study.study_name}): "
-                  f"trial {best.number}, {space.objective} {best.value:.6g}.\n"
-                  f"# Train it in full:  llm {space.stage} --config {root / 'best.yaml'} --out DIR\n"
-                  + (f"# The sweep shortened each trial with {_flow(space.budget)}; those options are left out here.\n" if space.budget else ""))
-        artifacts.atomic_write_text(root / "best.yaml", header + yaml.safe_dump(recipe, sort_keys=False))
-        lines += [f"## Best: trial {best.number}, {space.objective} = {best.value:.6g}", "",
-                  "```", *[f"{k}: {_show(v)}" for k, v in best.params.items()], "```", "",
-                  f"Recipe: `best.yaml` (`llm {space.stage} --config {root / 'best.yaml'} --out DIR`); the trial's artifact: "
-                  f"`{best.user_attrs.get('out')}`.", ""]
-    lines += _plots(root, study, space, complete)
-    path = root / "sweep.md"
-    artifacts.atomic_write_text(path, "\n".join(lines) + "\n")
-    return path
-
-
-def _flow(d: dict) -> str:
-    return ", ".join(f"{k}={_show(v)}" for k, v in d.items())
-
-
-def _plots(root: Path, study, space: Space, complete: list) -> list[str]:
-    """Optimisation history, parameter importances (two or more searched options, three or more complete
-    trials) and the objective against the most important option, drawn by Optuna's matplotlib module."""
-    if not complete:
-        return []
-    import warnings
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import optuna
-    from optuna.visualization import matplotlib as vis
-
-    plots = root / "plots"
-    plots.mkdir(parents=True, exist_ok=True)
-    lines = ["## Plots", ""]
-    names = list(space.params)
-    top = names[0]
-    drawn: list[tuple[str, str, Callable[[], Any]]] = [("history.png", "optimisation history", lambda: vis.plot_optimization_history(study))]
-    if len(names) >= 2 and len(complete) >= 3:
-        try:
-            importances = optuna.importance.get_param_importances(study)
-            top = next(iter(importances))
-            drawn.append(("importances.png", "parameter importances", lambda: vis.plot_param_importances(study)))
-        except (RuntimeError, ValueError, ZeroDivisionError):
-            pass
-    drawn.append((f"objective-vs-{top}.png", f"{space.objective} against {top}", lambda: vis.plot_slice(study, params=[top])))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # Optuna marks its matplotlib module experimental
-        for fname, title, draw in drawn:
-            try:
-                ax = draw()
-            except (RuntimeError, ValueError, ZeroDivisionError):
-                continue
-            fig = (ax.flat[0] if hasattr(ax, "flat") else ax).figure
-            fig.set_size_inches(6, 4)
-            fig.tight_layout()
-            fig.savefig(plots / fname, dpi=100)
-            plt.close(fig)
-            lines += [f"![{title}](plots/{fname})", ""]
-    return lines
