@@ -18,9 +18,9 @@ memory of the rollout and of the update (resident memory on the CPU, allocated
 memory on a GPU). Each setting runs in its own process (torch fixes its thread
 pool at start-up, and a process's memory high-water mark is its own).
 
-The update's arithmetic: the loop's minibatch shapes are recorded, and 6 x (the actor's
-plus the critic's parameters outside the embeddings) x (the tokens they pass over) is set
-against the update's time, beside the rate of this core's matrix product (fp32 sgemm, best
+The update's arithmetic: the loop's minibatch shapes are recorded, and the actor's and the
+critic's training FLOPs over those tokens (the project's MFU count, without the output
+projection over the vocabulary) are set against the update's time, beside the rate of this core's matrix product (fp32 sgemm, best
 of 20) at the shape of the update's largest matrix product. With --trl-python, TRL 0.29's
 PPOTrainer runs on the same models and shapes (bench/trl_ppo.py) after the first setting,
 with its thread count, and the table gets its seconds per PPO step and our ratio to them.
@@ -57,10 +57,10 @@ Changed: the update's AdamW runs on its multi-tensor (foreach) path, bit-equal t
 (the same logged losses and actor weights over 3 iterations); its share of the update's CPU time went from
 3.05% to 2.54% (two `--profile` runs), a half-percent gain.
 Against TRL: the issue measured 0.70x of TRL 0.29's time on its machine; here, on the same models, one thread,
-it is 0.92x (2.16 s against 2.36 s per PPO step, the row above). TRL's trainer makes the same model passes
+it is 0.88x (2.12 s against 2.42 s per PPO step, the figures above; 0.92x, 2.16 against 2.36 s, in an earlier run). TRL's trainer makes the same model passes
 (policy and value model over prompt + response in every minibatch, the four no-grad passes of the rollout), so
 the half of TRL's time that the issue asks for would need half the arithmetic; the update already runs at
-about half of this core's sgemm rate (43 of 81 GFLOP/s), with the matrix products themselves at about 59
+about half of this core's sgemm rate (45 of 80 GFLOP/s), with the matrix products themselves at about 59
 (`--profile`: 64% of the update's time), the rest attention and element-wise kernels that only compilation
 would fuse, and the update's shapes change every iteration. Not reached; what would reach it changes the
 recipe (fewer epochs, a shared actor-critic trunk) or the arithmetic (bf16 on a CPU with AVX-512 BF16 or AMX).
@@ -124,7 +124,7 @@ def measure(args) -> dict:
             ppo.minibatch_step = step
         wall = time.perf_counter() - t0
         rows = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines() if x.strip()]
-        arith = update_arithmetic(policy, shapes, cfg, args.iterations)
+        arith = update_arithmetic(policy, shapes, args.iterations)
     its = [r for r in rows if "rollout_seconds" in r][1:]  # drop the warm-up iteration
     med = lambda k: statistics.median(r[k] for r in its)  # noqa: E731
     mem = {k: med(k) if all(k in r for r in its) else float("nan") for k in ("rollout_peak_mib", "update_peak_mib")}
@@ -134,29 +134,33 @@ def measure(args) -> dict:
             "tokens": statistics.median(r["response_length"] for r in its) * cfg.prompts_per_rollout, **arith}
 
 
-def update_arithmetic(policy: str, shapes: list, cfg, iterations: int) -> dict:
-    """GFLOP of one iteration's update by 6 x block parameters x tokens (actor and critic, the critic the policy's
-    shape, as with `critic: reward` on the default run) and this core's sgemm rate at the update's largest matmul."""
+def update_arithmetic(policy: str, shapes: list, iterations: int) -> dict:
+    """GFLOP of one iteration's update, and this core's sgemm rate at the update's largest matrix product.
+
+    Each minibatch of b sequences padded to t tokens costs the actor and the critic (the policy's shape, as
+    with `critic: reward` on the default run) b x t x the project's training FLOPs per token
+    (`training.flops_per_token`, which the MFU figures use) less its output projection over the vocabulary:
+    the update computes the actor's logits at the response positions only, and the critic's head has one output.
+    """
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
+
+    from lifecycle.training import flops_per_token
 
     conf = AutoConfig.from_pretrained(policy)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(conf)
-    emb = {id(model.get_input_embeddings().weight), id(model.get_output_embeddings().weight)}
-    n_blocks = sum(p.numel() for p in model.parameters() if id(p) not in emb)
-    tokens = sum(b * t for b, t in shapes) / iterations  # the first (warm-up) iteration updates as much as the rest
-    gflop = 6 * 2 * n_blocks * tokens / 1e9
+    d = conf.hidden_size
+    per_token = lambda t: flops_per_token(conf, t) - 6 * d * conf.vocab_size  # noqa: E731
+    flops = sum(2 * b * t * per_token(t) for b, t in shapes) / iterations  # every iteration updates alike
     m = max(b * t for b, t in shapes)
-    h, f = conf.hidden_size, getattr(conf, "intermediate_size", None) or 4 * conf.hidden_size
-    x, w = torch.randn(m, h), torch.randn(h, f)
+    f = getattr(conf, "intermediate_size", None) or 4 * d
+    x, w = torch.randn(m, d), torch.randn(d, f)
     best = float("inf")
     for _ in range(20):
         t0 = time.perf_counter()
         x @ w
         best = min(best, time.perf_counter() - t0)
-    return {"update_gflop": gflop, "block_params": n_blocks, "update_tokens": tokens,
-            "sgemm_gflops": 2 * m * h * f / best / 1e9, "sgemm_shape": f"{m}x{h} @ {h}x{f}"}
+    return {"update_gflop": flops / 1e9, "update_tokens": sum(b * t for b, t in shapes) / iterations,
+            "sgemm_gflops": 2 * m * d * f / best / 1e9, "sgemm_shape": f"{m}x{d} @ {d}x{f}"}
 
 
 def profile_update(args) -> None:
@@ -290,8 +294,9 @@ def main() -> None:
                      f"{r['roll_s'] + r['upd_s']:.2f} s | {r['rollout_peak_mib']:,.0f} / {r['update_peak_mib']:,.0f} MiB | "
                      f"{r['wall']:.0f} s |")
     r = results[0]
-    lines += ["", f"The update's arithmetic ({r['threads']} thread(s)): 6 x {r['block_params'] / 1e6:.2f}M block parameters x 2 "
-              f"models x {r['update_tokens']:,.0f} tokens (8 minibatches of prompt + response, padded) = "
+    lines += ["", f"The update's arithmetic ({r['threads']} thread(s)): actor and critic over {r['update_tokens']:,.0f} tokens "
+              "per iteration (8 minibatches of prompt + response, padded), at `training.flops_per_token` (6 x matrix "
+              "parameters + attention) less the output projection over the vocabulary = "
               f"{r['update_gflop']:.0f} GFLOP per iteration in {r['upd_s']:.2f} s: {r['update_gflop'] / r['upd_s']:.0f} GFLOP/s, "
               f"against {r['sgemm_gflops']:.0f} GFLOP/s for this core's fp32 matrix product at the update's largest shape "
               f"({r['sgemm_shape']}, best of 20)."]
