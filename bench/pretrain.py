@@ -255,6 +255,8 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     overrides = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
+    if args.nanogpt is not None and not (args.nanogpt.expanduser() / "model.py").is_file():
+        ap.error(f"--nanogpt {args.nanogpt}: no model.py there; pass a checkout of github.com/karpathy/nanoGPT")
     load = os.getloadavg()[0]
     rows = []
     with tempfile.TemporaryDirectory() as t:
