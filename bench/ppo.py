@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -238,6 +239,8 @@ def main() -> None:
     ap.add_argument("--trl-python", metavar="PYTHON", help="a Python with trl 0.29 installed: also time TRL's "
                     "PPOTrainer on the same models (bench/trl_ppo.py)")
     args = ap.parse_args()
+    if args.trl_python and not shutil.which(args.trl_python):
+        ap.error(f"--trl-python {args.trl_python}: not an executable Python; make one with trl 0.29 (bench/trl_ppo.py)")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if args.one_run:
         print("RESULT " + json.dumps(measure(args)))
